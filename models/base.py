@@ -1,0 +1,50 @@
+"""The interface every model family implements: a denoiser D(x; sigma) in EDM's parametrisation.
+
+Solvers and the GITS search only ever see `denoise(x, sigma)`; a model wrapper binds its
+conditioning (class labels, prompts, guidance) into that callable with `bind`.
+"""
+
+import functools
+
+import torch
+
+
+class Model:
+    sigma_min = 0.002
+    sigma_max = 80.0
+    img_channels = 3
+    img_resolution = 32
+    label_dim = 0                 # >0: class-conditional; class_labels are one-hot [B, label_dim]
+    supports_fp16 = False
+
+    @property
+    def shape(self):
+        """Shape of one sample in the space the ODE is solved in (latent space for LDM/SD)."""
+        return (self.img_channels, self.img_resolution, self.img_resolution)
+
+    def denoise(self, x, sigma, class_labels=None, condition=None, unconditional_condition=None):
+        raise NotImplementedError
+
+    def decode(self, x):
+        """Map samples of the ODE's space to images in [-1, 1]. Identity in pixel space."""
+        return x
+
+    def conditioning(self, seeds, labels=None):
+        """Keyword arguments of `denoise` for a batch of seeds. `labels` are the per-seed class
+        indices drawn by the caller (int64 [B]) for class-conditional models."""
+        if self.label_dim:
+            if labels is None:
+                raise ValueError('class-conditional model needs labels')
+            onehot = torch.nn.functional.one_hot(labels.long().cpu(), self.label_dim)
+            return dict(class_labels=onehot.to(dtype=torch.float32, device=self.device))
+        return {}
+
+    def image_info(self, seed):
+        """Per-image facts worth recording next to the image (e.g. the prompt), or None."""
+        return None
+
+    def bind(self, **cond):
+        """`denoise(x, sigma)` with the conditioning fixed."""
+        return functools.partial(self.denoise, **cond)
+
+    device = torch.device('cpu')

@@ -1,0 +1,299 @@
+"""Sample a pretrained diffusion model with a fast ODE solver, optionally on a GITS schedule.
+
+    python sample.py --dataset_name=digits --seeds=0-63 --grid=True
+    torchrun --standalone --nproc_per_node=2 sample.py --dataset_name=gmm --seeds=0-999
+
+Every image is a pure function of its seed (noise and class label are drawn from a generator
+seeded by the seed alone), so batch size, process count and interruptions do not change it.
+"""
+
+import json
+import math
+import os
+import sys
+
+import click
+import numpy as np
+import torch
+from PIL import Image
+
+import dnnlib
+import models
+import solver_utils
+import solvers
+from dnnlib.util import UserError
+from torch_utils import distributed as dist
+from torch_utils import misc
+
+GITS_METRICS = ('dev', 'l1', 'l2')
+SOLVER_NAMES = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'unipc')
+GUIDANCE_TYPES = ('cg', 'cfg', 'uncond')
+BOOL = click.BOOL
+
+
+# ----------------------------------------------------------------------------------------------
+# Images.
+
+def to_uint8(images):
+    """[-1, 1] float NCHW -> uint8 NHWC numpy (EDM's rounding)."""
+    return (images.float() * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def png_bytes(array):
+    import io
+    img = Image.fromarray(array[:, :, 0], 'L') if array.shape[2] == 1 else Image.fromarray(array, 'RGB')
+    buf = io.BytesIO()
+    img.save(buf, format='PNG')
+    return buf.getvalue()
+
+
+def make_grid(arrays, min_tile=32):
+    """Square-ish grid of HWC uint8 images. Tiles smaller than `min_tile` pixels (8x8 digits) are
+    enlarged by an integer factor (nearest neighbour) and separated by gray lines so they stay
+    readable; larger images are tiled edge to edge as EDM does."""
+    n = len(arrays)
+    h, w, c = arrays[0].shape
+    scale = max(1, math.ceil(min_tile / max(h, w)))
+    gap = scale if scale > 1 else 0
+    cols = math.ceil(math.sqrt(n))
+    rows = math.ceil(n / cols)
+    th, tw = h * scale + gap, w * scale + gap
+    grid = np.full([rows * th - gap, cols * tw - gap, c], 128 if gap else 0, dtype=np.uint8)
+    for i, a in enumerate(arrays):
+        r, q = divmod(i, cols)
+        grid[r * th:r * th + h * scale, q * tw:q * tw + w * scale] = a.repeat(scale, 0).repeat(scale, 1)
+    return grid
+
+
+def image_path(outdir, seed, subdirs, ext='.png'):
+    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}{ext}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Validation helpers: each raises UserError with one line that names the flag.
+
+def check_writable_dir(path, flag='--outdir'):
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f'{flag}: cannot create or write "{path}" ("{probe}" is not a writable folder)')
+
+
+def parse_seeds(text):
+    try:
+        return misc.parse_int_list(text)
+    except ValueError as e:
+        raise UserError(f'--seeds: {e}; expected e.g. 0-63,100,200-299') from None
+
+
+def draw_seed_inputs(seeds, shape, label_dim):
+    """Per-seed noise [B, *shape] and class indices [B] (None for unconditional models), each row
+    from the seed's own CPU generator: noise first, then the label, as EDM's generate.py does."""
+    noise, labels = [], []
+    for s in seeds:
+        g = misc.seed_generator(s)
+        noise.append(torch.randn(list(shape), generator=g, dtype=torch.float64))
+        if label_dim:
+            labels.append(torch.randint(label_dim, [1], generator=g))
+    return torch.stack(noise), (torch.cat(labels) if label_dim else None)
+
+
+def split_batches(seeds, batch, world_size):
+    """EDM's split: batches of at most `batch` seeds in total over all ranks, a multiple of
+    world_size of them; rank r takes batches r, r + world, ..."""
+    num_batches = max(1, math.ceil(len(seeds) / batch)) * world_size
+    return [b.tolist() for b in np.array_split(np.array(seeds, dtype=np.int64), num_batches)]
+
+
+# ----------------------------------------------------------------------------------------------
+
+def build_schedule(opts, model, device):
+    """The t_steps of this run: explicit, from a saved schedule file, searched by GITS, or named."""
+    sigma_min = opts.sigma_min if opts.sigma_min is not None else model.sigma_min
+    sigma_max = opts.sigma_max if opts.sigma_max is not None else model.sigma_max
+    if opts.t_steps is not None:
+        return torch.tensor(opts.t_steps_list, dtype=torch.float64), None
+    if opts.schedule_file is not None:
+        import gits
+        return gits.schedule_from_file(opts.schedule_file, opts), None
+    if opts.dp:
+        import gits
+        return gits.search_for_sampling(model, opts, sigma_min, sigma_max, device)
+    try:
+        t = solver_utils.get_schedule(opts.num_steps, sigma_min, sigma_max, opts.schedule_type,
+                                      opts.schedule_rho, model=model)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return t, None
+
+
+def validate(opts):
+    """All checks that need no model; raises UserError. Fills derived fields into `opts`."""
+    opts.seed_list = parse_seeds(opts.seeds)
+    if opts.dataset_name not in models.REGISTRY:
+        raise UserError(f'--dataset_name: unknown model "{opts.dataset_name}"; choose one of {", ".join(models.REGISTRY)}')
+    opts.t_steps_list = None
+    if opts.t_steps is not None:
+        if opts.dp:
+            raise UserError('--dp: cannot be combined with --t_steps (the schedule is given); drop one of them')
+        try:
+            opts.t_steps_list = solver_utils.parse_t_steps(opts.t_steps)
+        except ValueError as e:
+            raise UserError(str(e)) from None
+    solver_options = dict(max_order=opts.max_order, predict_x0=opts.predict_x0,
+                          lower_order_final=opts.lower_order_final, variant=opts.variant,
+                          deis_mode=opts.deis_mode)
+    try:
+        opts.solver_options = solvers.resolve_options(opts.solver, solver_options)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if opts.dp or opts.save_schedules:
+        import gits
+        gits.validate_options(opts)
+    if opts.sigma_min is not None and opts.sigma_min <= 0:
+        raise UserError(f'--sigma_min: must be positive (got {opts.sigma_min})')
+    if opts.sigma_max is not None and opts.sigma_min is not None and opts.sigma_max <= opts.sigma_min:
+        raise UserError('--sigma_max: must be larger than --sigma_min')
+    if opts.outdir is not None:
+        check_writable_dir(opts.outdir)
+
+
+def model_kwargs(opts):
+    return dict(guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate, prompt=opts.prompt,
+                prompt_file=opts.prompt_file, use_fp16=opts.use_fp16)
+
+
+def run(opts):
+    validate(opts)
+    device = dist.init(opts.device)
+    rank, world = dist.get_rank(), dist.get_world_size()
+    torch.backends.cudnn.benchmark = False
+
+    model = models.load(opts.dataset_name, model_path=opts.model_path, device=device, **model_kwargs(opts))
+    if opts.class_idx is not None and not (0 <= opts.class_idx < max(model.label_dim, 1) and model.label_dim):
+        raise UserError(f'--class_idx: needs a class-conditional model and 0 <= class_idx < {model.label_dim}')
+
+    t_steps, search_info = build_schedule(opts, model, device)
+    if opts.save_schedules:
+        dist.print0(f'Saved GITS schedules for num_steps {search_info["saved_num_steps"]} to {opts.save_schedules}')
+        return
+    afs = bool(opts.afs)
+    nfe = solvers.count_nfe(opts.solver, len(t_steps), afs=afs, denoise_to_zero=opts.denoise_to_zero)
+    outdir = opts.outdir or os.path.join('samples', opts.dataset_name, f'{opts.solver}_nfe{nfe}')
+    check_writable_dir(outdir)
+    t_text = solver_utils.format_t_steps(t_steps)
+    dist.print0(f'Schedule ({len(t_steps)} points, {opts.solver}, NFE={nfe}): --t_steps={t_text}')
+    if getattr(model, 'guidance_passes', 1) > 1:
+        dist.print0(f'Classifier-free guidance: {nfe * model.guidance_passes} network passes per image batch row')
+
+    record = dict(options={k: v for k, v in opts.items() if k not in ('seed_list', 't_steps_list')},
+                  solver_options=opts.solver_options, nfe=nfe, t_steps=[float(t) for t in t_steps],
+                  t_steps_text=t_text, world_size=world, search=search_info)
+    if rank == 0:
+        try:
+            os.makedirs(outdir, exist_ok=True)
+            misc.atomic_write_json(os.path.join(outdir, 'run.json'), record)
+        except OSError as e:
+            raise UserError(f'--outdir: cannot write to "{outdir}": {e.strerror}') from None
+    dist.barrier()
+
+    seeds = opts.seed_list
+    if not opts.grid:   # resume: a seed is finished once its PNG exists
+        seeds = [s for s in seeds if not os.path.isfile(image_path(outdir, s, opts.subdirs))]
+    batches = split_batches(seeds, opts.batch, world)[rank::world] if seeds else []
+    sample_fn = solvers.SOLVERS[opts.solver]
+    grid_parts = []
+    from tqdm import tqdm
+    for batch_seeds in tqdm(batches, unit='batch', disable=(rank != 0), file=sys.stdout):
+        if not batch_seeds:
+            continue
+        noise, labels = draw_seed_inputs(batch_seeds, model.shape, model.label_dim)
+        if labels is not None and opts.class_idx is not None:
+            labels[:] = opts.class_idx
+        denoise = model.bind(**model.conditioning(batch_seeds, labels))
+        x = noise.to(device=device, dtype=torch.float32) * float(t_steps[0])
+        with torch.no_grad():
+            x = sample_fn(denoise, x, t_steps, afs=afs, denoise_to_zero=opts.denoise_to_zero,
+                          **opts.solver_options)
+            images = to_uint8(model.decode(x))
+        if opts.grid:
+            grid_parts.extend(zip(batch_seeds, images))
+            continue
+        for seed, image in zip(batch_seeds, images):
+            path = image_path(outdir, seed, opts.subdirs)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            info = model.image_info(seed)
+            if info is not None:   # written first: the PNG marks the seed as finished
+                misc.atomic_write_json(image_path(outdir, seed, opts.subdirs, '.json'), info)
+            misc.atomic_write_bytes(path, png_bytes(image))
+
+    if opts.grid:
+        parts = [p for rank_parts in dist.all_gather_object(grid_parts) for p in rank_parts]
+        if rank == 0:
+            parts.sort(key=lambda p: opts.seed_list.index(p[0]))
+            misc.atomic_write_bytes(os.path.join(outdir, 'grid.png'), png_bytes(make_grid([p[1] for p in parts])))
+    dist.barrier()
+    dist.print0(f'Done: {len(opts.seed_list)} seeds in {outdir}')
+    dist.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+
+@click.command(context_settings=dict(show_default=True))
+# General options.
+@click.option('--dataset_name', type=str, required=True, help='Model: ' + ', '.join(models.REGISTRY))
+@click.option('--model_path', type=str, default=None, help='Local file or URL instead of the default download')
+@click.option('--batch', type=click.IntRange(min=1), default=64, help='Total batch size over all processes')
+@click.option('--seeds', type=str, default='0-63', help='Seeds, e.g. 0-63,100,200-299')
+@click.option('--grid', type=BOOL, default=False, help='Write one grid image instead of one PNG per seed')
+@click.option('--subdirs', type=BOOL, default=False, help='Put images in per-1000-seed subfolders')
+@click.option('--outdir', type=str, default=None, help='Output folder [default: ./samples/<dataset_name>/<solver>_nfe<NFE>]')
+@click.option('--device', type=str, default=None, help='torch device [default: cuda if available, else cpu]')
+@click.option('--class_idx', type=int, default=None, help='Class for class-conditional models [default: per seed]')
+@click.option('--use_fp16', type=BOOL, default=None, help='Half precision for networks that support it [default: on for CUDA]')
+# Solver options.
+@click.option('--solver', type=click.Choice(list(SOLVER_NAMES)), default='ipndm', help='Student solver')
+@click.option('--num_steps', type=click.IntRange(min=2), default=7, help='Number of time points (num_steps-1 steps)')
+@click.option('--afs', type=BOOL, default=False, help='Analytical first step (saves one evaluation)')
+@click.option('--denoise_to_zero', type=BOOL, default=False, help='Finish with D(x; t_last) (one more evaluation)')
+# Schedule options.
+@click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
+@click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
+@click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,10.9836,...,0.002]')
+@click.option('--sigma_min', type=float, default=None, help='Lowest noise level [default: the model\'s]')
+@click.option('--sigma_max', type=float, default=None, help='Highest noise level [default: the model\'s]')
+# Additional solver options (None: the solver's own default).
+@click.option('--max_order', type=int, default=None, help='Order of multistep solvers: 1-4 ipndm/ipndm_v/deis, 1-3 dpmpp/unipc')
+@click.option('--predict_x0', type=BOOL, default=None, help='dpmpp/unipc: data prediction [default: True]')
+@click.option('--lower_order_final', type=BOOL, default=None, help='dpmpp/unipc: lower order at the end [default: True]')
+@click.option('--variant', type=str, default=None, help='unipc: bh1 or bh2 [default: bh2]')
+@click.option('--deis_mode', type=str, default=None, help='deis: tab or rhoab [default: tab]')
+# Guidance options.
+@click.option('--guidance_type', type=click.Choice(list(GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond')
+@click.option('--guidance_rate', type=float, default=None, help='Guidance scale')
+@click.option('--prompt', type=str, default=None, help='Prompt for Stable Diffusion')
+@click.option('--prompt_file', type=str, default=None, help='Prompts, one a line or MS-COCO captions JSON; prompt i for seed i')
+# GITS options.
+@click.option('--dp', type=BOOL, default=False, help='Search the schedule with GITS dynamic programming')
+@click.option('--metric', type=click.Choice(list(GITS_METRICS)), default='dev', help='GITS cost metric')
+@click.option('--coeff', type=float, default=1.15, help='GITS DP coefficient (> 0)')
+@click.option('--num_warmup', type=int, default=256, help='GITS warm-up trajectories')
+@click.option('--solver_tea', type=click.Choice(list(SOLVER_NAMES)), default='ipndm', help='GITS teacher solver')
+@click.option('--num_steps_tea', type=int, default=61, help='GITS teacher time points')
+@click.option('--warmup_seed', type=click.IntRange(min=0), default=1_000_000_000, help='First seed of the GITS warm-up noise')
+@click.option('--save_schedules', type=str, default=None, help='GITS: search once, save schedules for several NFEs to this JSON file, and exit')
+@click.option('--save_num_steps', type=str, default=None, help='GITS: num_steps values for --save_schedules, e.g. 4-11 [default: --num_steps]')
+@click.option('--schedule_file', type=str, default=None, help='Sample with the schedule for --num_steps from a file written by --save_schedules')
+def main(**kwargs):
+    """Sample images from a diffusion model with a fast ODE solver."""
+    run(dnnlib.EasyDict(kwargs))
+
+
+if __name__ == '__main__':
+    dnnlib.run_cli(main)

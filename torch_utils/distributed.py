@@ -1,0 +1,87 @@
+"""Process-group helpers. Works under torchrun (reads RANK / WORLD_SIZE / LOCAL_RANK) and as a
+plain single process without any launcher."""
+
+import os
+
+import torch
+import torch.distributed as dist
+
+
+def init(device=None):
+    """Initialise the default process group when launched by torchrun (NCCL for CUDA, gloo for
+    the CPU); a no-op otherwise. Returns the torch.device this process should use."""
+    device = torch.device(device) if device is not None else default_device()
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    if device.type == 'cuda':
+        torch.cuda.set_device(device)
+    if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
+        backend = 'nccl' if device.type == 'cuda' else 'gloo'
+        if device.type == 'cuda':
+            dist.init_process_group(backend=backend, device_id=device)
+        else:
+            dist.init_process_group(backend=backend)
+    return device
+
+
+def default_device():
+    return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def is_distributed():
+    return dist.is_available() and dist.is_initialized()
+
+
+def get_rank():
+    return dist.get_rank() if is_distributed() else 0
+
+
+def get_world_size():
+    return dist.get_world_size() if is_distributed() else 1
+
+
+def barrier():
+    if is_distributed():
+        dist.barrier()
+
+
+def all_reduce_sum(tensor):
+    """Sum `tensor` over all processes and return the result (a new tensor on tensor's device).
+    gloo reduces on the CPU; NCCL needs the tensor on the current CUDA device."""
+    if not is_distributed():
+        return tensor.clone()
+    backend = dist.get_backend()
+    work = tensor.detach().clone()
+    if backend == 'nccl':
+        work = work.cuda()
+    else:
+        work = work.cpu()
+    dist.all_reduce(work, op=dist.ReduceOp.SUM)
+    return work.to(tensor.device)
+
+
+def all_gather_object(obj):
+    """List of `obj` from every rank, in rank order."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src=0):
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def print0(*args, **kwargs):
+    if get_rank() == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def shutdown():
+    if is_distributed():
+        dist.destroy_process_group()

@@ -1,0 +1,61 @@
+"""Small helpers: seed lists, per-seed random draws, atomic file writes."""
+
+import json
+import os
+import re
+import tempfile
+
+import torch
+
+
+def parse_int_list(text):
+    """Parse '0-63,100,200-299' into a list of ints (ranges inclusive). Raises ValueError."""
+    if isinstance(text, (list, tuple)):
+        return [int(v) for v in text]
+    out = []
+    for part in str(text).split(','):
+        part = part.strip()
+        m = re.fullmatch(r'(\d+)(?:-(\d+))?', part)
+        if m is None:
+            raise ValueError(f'"{part}" is not a non-negative integer or a range a-b')
+        lo = int(m.group(1))
+        hi = int(m.group(2)) if m.group(2) is not None else lo
+        if hi < lo:
+            raise ValueError(f'range "{part}" is empty (end before start)')
+        out.extend(range(lo, hi + 1))
+    if not out:
+        raise ValueError('empty list')
+    return out
+
+
+def seed_generator(seed):
+    """The CPU generator that everything drawn for one seed comes from. Drawing per seed on the
+    CPU makes a seed's noise and label independent of batch size, process count and device."""
+    return torch.Generator(device='cpu').manual_seed(int(seed))
+
+
+def per_seed_randn(seeds, shape, device='cpu', dtype=torch.float32):
+    """Standard-normal tensor [len(seeds), *shape], row i drawn from seed_generator(seeds[i])."""
+    rows = [torch.randn(list(shape), generator=seed_generator(s), dtype=torch.float64) for s in seeds]
+    return torch.stack(rows).to(device=device, dtype=dtype)
+
+
+def atomic_write_bytes(path, data):
+    """Write `data` to `path` through a temporary file in the same folder and a rename, so that
+    readers never see a half-written file."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(dir=folder, prefix='.' + os.path.basename(path) + '.', suffix='.tmp')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise
+
+
+def atomic_write_json(path, obj):
+    atomic_write_bytes(path, (json.dumps(obj, indent=2) + '\n').encode())
