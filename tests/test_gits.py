@@ -1,0 +1,166 @@
+"""GITS: the DP against brute force, the cost matrix against a direct computation, determinism
+(bit for bit, across batch sizes and processes), schedule files, afs, and flag errors."""
+
+import itertools
+import json
+import math
+
+import pytest
+import torch
+
+import gits
+import solver_utils
+import solvers
+from helpers import assert_one_line_error, run_cli, torchrun
+
+
+def brute_force(cost, num_points, coeff):
+    n = len(cost)
+    best, best_path = math.inf, None
+    for inner in itertools.combinations(range(1, n - 1), num_points - 2):
+        path = [0, *inner, n - 1]
+        value = gits.path_cost(cost, path, coeff)
+        if value < best - 1e-12:
+            best, best_path = value, path
+    return best, best_path
+
+
+@pytest.mark.parametrize('n', [5, 8, 12])
+@pytest.mark.parametrize('coeff', [0.8, 1.0, 1.15, 1.5])
+def test_dp_matches_brute_force(n, coeff):
+    g = torch.Generator().manual_seed(n * 100 + int(coeff * 100))
+    cost = torch.rand([n, n], generator=g, dtype=torch.float64) * 2 - 0.5     # signed, like 'dev'
+    paths = gits.dp_all(cost, coeff)
+    assert sorted(paths) == list(range(1, n))
+    for k, path in paths.items():
+        best, _ = brute_force(cost, k + 1, coeff)
+        assert path[0] == 0 and path[-1] == n - 1 and len(path) == k + 1
+        assert all(a < b for a, b in zip(path, path[1:]))
+        assert gits.path_cost(cost, path, coeff) == pytest.approx(best, abs=1e-12)
+        assert gits.dp(cost, k + 1, coeff) == path
+
+
+def test_cost_matrix_matches_direct_computation(gmm):
+    lat = torch.randn(3, *gmm.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    t_tea = solver_utils.get_schedule(7, 0.002, 80)
+    xs, ds, _ = gits.teacher_trajectory(gmm.denoise, lat, t_tea, 'heun')
+    # Slopes taken from the teacher's own calls equal fresh evaluations.
+    for i in range(6):
+        assert torch.allclose(ds[i], (xs[i] - gmm.denoise(xs[i], float(t_tea[i]))) / float(t_tea[i]))
+    costs = {m: gits.trajectory_costs(xs, ds, t_tea, m) for m in gits.METRICS}
+    flat = xs.reshape(7, 3, -1)
+    for b in range(3):
+        a, e = flat[0, b], flat[-1, b]
+        u = (e - a) / (e - a).norm()
+
+        def dev(p):
+            r = p - a
+            return (r - (r @ u) * u).norm()
+
+        for i in range(6):
+            for j in range(i + 1, 7):
+                xhat = flat[i, b] + (float(t_tea[j]) - float(t_tea[i])) * ds[i, b].reshape(-1)
+                assert costs['l2'][b, i, j] == pytest.approx(float((xhat - flat[j, b]).norm()), rel=1e-9)
+                assert costs['l1'][b, i, j] == pytest.approx(float((xhat - flat[j, b]).abs().sum()), rel=1e-9)
+                want = dev(xhat) - (0 if j == 6 else dev(flat[j, b]))
+                assert costs['dev'][b, i, j] == pytest.approx(float(want), rel=1e-7, abs=1e-9)
+        assert torch.isinf(costs['l2'][b][torch.ones(7, 7, dtype=torch.bool).tril()]).all()
+
+
+def test_search_is_deterministic_and_batch_invariant(digits):
+    lat = torch.randn(12, *digits.shape, generator=torch.Generator().manual_seed(7))
+    kw = dict(num_steps=5, sigma_min=0.002, sigma_max=80, solver_tea='heun', num_steps_tea=21)
+    a = gits.search_schedule(digits.denoise, lat, **kw)
+    b = gits.search_schedule(digits.denoise, lat, batch_size=5, **kw)
+    c = gits.search_schedule(digits.denoise, lat, **kw)
+    assert torch.equal(a, b) and torch.equal(a, c)
+    assert len(a) == 5 and a[0] == 80 and a[-1] == pytest.approx(0.002)
+    grid = solver_utils.get_schedule(21, 0.002, 80)
+    assert all(any(float(t) == float(g) for g in grid) for t in a)    # points of the teacher grid
+
+
+def test_one_teacher_serves_every_num_steps(digits):
+    lat = torch.randn(6, *digits.shape, generator=torch.Generator().manual_seed(8))
+    rounds = [(0, digits.denoise, lat)]
+    kw = dict(sigma_min=0.002, sigma_max=80, solver_tea='euler', num_steps_tea=15)
+    many, info = gits.search_rounds(rounds, num_steps=4, all_num_steps=[3, 4, 6], **kw)
+    assert info['teacher_evals_this_rank'] == 14      # one Euler teacher run over 15 points
+    for n in (3, 4, 6):
+        single, _ = gits.search_rounds(rounds, num_steps=n, **kw)
+        assert torch.equal(many[n], single[n])
+
+
+def test_afs_free_step_is_the_best_candidate(digits):
+    lat = torch.randn(8, *digits.shape, generator=torch.Generator().manual_seed(9))
+    kw = dict(sigma_min=0.002, sigma_max=80, solver_tea='heun', num_steps_tea=25, num_steps=4)
+    plain, info = gits.search_rounds([(0, digits.denoise, lat)], **kw)
+    with_afs, info_afs = gits.search_rounds([(0, digits.denoise, lat)], afs=True, solver='euler', **kw)
+    path, path_afs = info['indices']['4'], info_afs['indices']['4']
+    t_tea = torch.tensor(info['teacher_grid'], dtype=torch.float64)
+    assert path[1] - path[0] > 1       # this warm-up set leaves candidates for the free step
+    assert len(path_afs) == 5 and path_afs[0] == path[0] and path_afs[2:] == path[1:]
+    # Recompute every candidate's error against the teacher's final points.
+    xs, _, _ = gits.teacher_trajectory(digits.denoise, lat, t_tea, 'heun')
+    errs = {}
+    for m in range(path[0] + 1, path[1]):
+        trial = t_tea[[path[0], m] + path[1:]]
+        out = solvers.euler(digits.denoise, lat * 80, trial, afs=True)
+        errs[m] = float((out - xs[-1]).reshape(8, -1).to(torch.float64).norm(dim=1).mean())
+    assert path_afs[1] == min(errs, key=errs.get)
+
+
+def test_torchrun_two_processes_same_schedule(tmp_path):
+    args = ['--dataset_name=digits', '--seeds=0-3', '--dp=True', '--num_warmup=10', '--batch=4',
+            '--solver=heun', '--solver_tea=heun', '--num_steps=5', '--num_steps_tea=21']
+    r1 = run_cli('sample.py', *args, f'--outdir={tmp_path / "one"}')
+    assert r1.returncode == 0, r1.stderr
+    r2 = torchrun('sample.py', 2, *args, f'--outdir={tmp_path / "two"}')
+    assert r2.returncode == 0, r2.stderr
+    one = json.loads((tmp_path / 'one' / 'run.json').read_text())
+    two = json.loads((tmp_path / 'two' / 'run.json').read_text())
+    assert one['t_steps'] == two['t_steps']
+    assert one['search']['num_warmup'] == two['search']['num_warmup'] == 10
+    # The searched schedule, pasted back, reproduces the images.
+    r3 = run_cli('sample.py', '--dataset_name=digits', '--seeds=0-3', '--solver=heun',
+                 f'--t_steps={one["t_steps_text"]}', f'--outdir={tmp_path / "pasted"}')
+    assert r3.returncode == 0, r3.stderr
+    for s in range(4):
+        name = f'{s:06d}.png'
+        assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'pasted' / name).read_bytes()
+    assert f'--t_steps={one["t_steps_text"]}' in r1.stdout
+
+
+def test_save_schedules_then_sample_from_file(tmp_path):
+    path = tmp_path / 'sched.json'
+    common = ['--dataset_name=digits', '--num_warmup=6', '--solver=heun', '--solver_tea=heun', '--num_steps_tea=21']
+    r = run_cli('sample.py', *common, '--dp=True', f'--save_schedules={path}', '--save_num_steps=3-6')
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(path.read_text())
+    assert sorted(saved['schedules'], key=int) == ['3', '4', '5', '6']
+    for n in (3, 5):
+        out = tmp_path / f'n{n}'
+        r = run_cli('sample.py', '--dataset_name=digits', '--seeds=0-1', '--solver=heun', f'--num_steps={n}',
+                    f'--schedule_file={path}', f'--outdir={out}')
+        assert r.returncode == 0, r.stderr
+        assert json.loads((out / 'run.json').read_text())['t_steps'] == saved['schedules'][str(n)]
+    r = run_cli('sample.py', '--dataset_name=digits', '--solver=heun', '--num_steps=9', f'--schedule_file={path}',
+                f'--outdir={tmp_path / "x"}')
+    assert_one_line_error(r, '--num_steps')
+
+
+BAD = [
+    (['--metric=bdev'], '--metric'),
+    (['--num_steps_tea=5', '--num_steps=7'], '--num_steps_tea'),
+    (['--coeff=0'], '--coeff'),
+    (['--coeff=-1'], '--coeff'),
+    (['--num_warmup', '0'], '--num_warmup'),
+    (['--t_steps=[80,1,0.002]'], '--dp'),
+    (['--warmup_seed=0', '--seeds=0-3'], '--warmup_seed'),
+]
+
+
+@pytest.mark.parametrize('args,flag', BAD)
+def test_bad_gits_flags(tmp_path, args, flag):
+    r = run_cli('sample.py', '--dataset_name=digits', '--solver=heun', '--dp=True', *args, f'--outdir={tmp_path / "o"}')
+    assert_one_line_error(r, flag)
+    assert not (tmp_path / 'o').exists()
