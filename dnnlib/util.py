@@ -129,6 +129,9 @@ def download(url, dest, progress=True, timeout=30, chunk_size=1 << 20):
                         bar.update(len(chunk))
                 if total is not None and written != total:
                     raise OSError(f'connection closed after {written} of {total} bytes')
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)      # mkstemp files are owner-only
         os.replace(tmp, dest)
     except (requests.RequestException, OSError) as e:
         _remove_quietly(tmp)

@@ -40,6 +40,13 @@ def per_seed_randn(seeds, shape, device='cpu', dtype=torch.float32):
     return torch.stack(rows).to(device=device, dtype=dtype)
 
 
+def default_file_mode():
+    """Permissions a plain open() would give a new file (mkstemp's are owner-only)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o666 & ~umask
+
+
 def atomic_write_bytes(path, data):
     """Write `data` to `path` through a temporary file in the same folder and a rename, so that
     readers never see a half-written file."""
@@ -48,6 +55,7 @@ def atomic_write_bytes(path, data):
     try:
         with os.fdopen(fd, 'wb') as f:
             f.write(data)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         try:

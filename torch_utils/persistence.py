@@ -89,7 +89,14 @@ def _src_to_module_obj(module_src):
         sys.modules[name] = module
         _module_to_src[module] = module_src
         _src_to_module[module_src] = module
-        exec(compile(module_src, f'<persistent module {name}>', 'exec'), module.__dict__)  # noqa: S102
+        try:
+            exec(compile(module_src, f'<persistent module {name}>', 'exec'), module.__dict__)  # noqa: S102
+        except BaseException:
+            # Forget the half-executed module, so that a later load (e.g. after installing a
+            # missing import) executes the source again instead of reusing a broken module.
+            del _src_to_module[module_src], _module_to_src[module]
+            sys.modules.pop(name, None)
+            raise
     return module
 
 
