@@ -10,6 +10,15 @@ from dnnlib.util import UserError
 REGISTRY = {
     'gmm': ('models.analytic', 'load_gmm'),
     'digits': ('models.analytic', 'load_digits'),
+    'cifar10': ('models.edm', 'load_cifar10'),
+    'ffhq': ('models.edm', 'load_ffhq'),
+    'afhqv2': ('models.edm', 'load_afhqv2'),
+    'imagenet64': ('models.edm', 'load_imagenet64'),
+    'lsun_bedroom': ('models.cm', 'load_lsun_bedroom'),
+    'imagenet256': ('models.adm', 'load_imagenet256'),
+    'lsun_bedroom_ldm': ('models.ldm', 'load_lsun_bedroom_ldm'),
+    'ffhq_ldm': ('models.ldm', 'load_ffhq_ldm'),
+    'ms_coco': ('models.sd', 'load_ms_coco'),
 }
 
 
