@@ -61,10 +61,10 @@ def resolve(url_or_path, flag, cache=None):
     """Local path of a file or URL, downloaded once into `cache` (default cache_dir()). Not
     collective: under torchrun call it through rank0_first (as `fetch` does)."""
     try:
-        return dnnlib.util.resolve_path(url_or_path, cache_dir=cache or cache_dir(), progress=dist.get_rank() == 0)
+        return dnnlib.util.resolve_path(url_or_path, cache_dir=cache or cache_dir(),
+                                        progress=dist.get_rank() == 0, flag=flag)
     except UserError as e:
-        # dnnlib's download message names sample.py's flag; name ours.
-        raise UserError(f'{flag}: {str(e).replace("--model_path", flag)}') from None
+        raise UserError(f'{flag}: {e}') from None
 
 
 def fetch(url_or_path, flag, cache=None):

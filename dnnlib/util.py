@@ -71,7 +71,7 @@ def default_cache_dir():
     return os.environ.get('GITS_CACHE_DIR', os.path.join(os.path.expanduser('~'), '.cache', 'gits'))
 
 
-def resolve_path(url_or_path, cache_dir=None, progress=True):
+def resolve_path(url_or_path, cache_dir=None, progress=True, flag='--model_path'):
     """Return a local file path for `url_or_path`.
 
     Local paths and file:// URLs are used as they are. http(s) URLs are downloaded once into
@@ -97,13 +97,13 @@ def resolve_path(url_or_path, cache_dir=None, progress=True):
     dest = os.path.join(cache_dir, url_filename(url_or_path))
     if os.path.isfile(dest):
         return dest
-    download(url_or_path, dest, progress=progress)
+    download(url_or_path, dest, progress=progress, flag=flag)
     return dest
 
 
-def download(url, dest, progress=True, timeout=30, chunk_size=1 << 20):
+def download(url, dest, progress=True, timeout=30, chunk_size=1 << 20, flag='--model_path'):
     """Stream `url` to `dest` atomically (temporary file + rename). Raises UserError with the URL,
-    the destination and what to do offline when the download fails."""
+    the destination and what to do offline (`flag` names the option that takes a local file)."""
     import requests
     from tqdm import tqdm
 
@@ -138,7 +138,7 @@ def download(url, dest, progress=True, timeout=30, chunk_size=1 << 20):
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(
             f'download of {url} failed ({reason}). It was to be saved as {dest}. Offline, copy the '
-            f'file there by hand or pass its local path with --model_path.') from None
+            f'file there by hand or pass its local path with {flag}.') from None
     except BaseException:
         _remove_quietly(tmp)
         raise
