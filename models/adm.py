@@ -28,6 +28,7 @@ from dnnlib import util
 from dnnlib.util import UserError
 
 from . import unet_adm
+from .base import resolve_fp16
 from .discrete import DiscreteVPModel, linear_alphas_cumprod
 
 URL_BASE = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/'
@@ -41,16 +42,6 @@ ATTENTION_SIDE = 32             # --attention_resolutions 32,16,8: the first att
 # Loading helpers shared with models/cm.py.
 
 
-def resolve_fp16(use_fp16, device):
-    """None: half precision exactly on CUDA. True on another device is refused: the torso would
-    run in float16 on the CPU, slowly and without any benefit."""
-    device = torch.device(device)
-    if use_fp16 is None:
-        return device.type == 'cuda'
-    if use_fp16 and device.type != 'cuda':
-        raise UserError(f'--use_fp16: half precision needs a CUDA device (got {device.type}); '
-                        'drop --use_fp16 or pass --use_fp16=False')
-    return bool(use_fp16)
 
 
 def fetch(url_or_path, dataset_name, flag='--model_path'):

@@ -8,6 +8,8 @@ import functools
 
 import torch
 
+from dnnlib.util import UserError
+
 
 class Model:
     sigma_min = 0.002
@@ -48,3 +50,17 @@ class Model:
         return functools.partial(self.denoise, **cond)
 
     device = torch.device('cpu')
+
+
+def resolve_fp16(use_fp16, device, default=True):
+    """The --use_fp16 rule shared by every network family. None: half precision on CUDA when the
+    family's default says so (EDM passes the pickle's own training setting). True elsewhere is an
+    error, not a silent fallback: the networks only run float16 on CUDA, so the flag would
+    otherwise be ignored without notice."""
+    device = torch.device(device)
+    if use_fp16 is None:
+        return device.type == 'cuda' and bool(default)
+    if use_fp16 and device.type != 'cuda':
+        raise UserError(f'--use_fp16: half precision needs a CUDA device (this run uses "{device}"); '
+                        'drop the flag or pass --use_fp16=False')
+    return bool(use_fp16)

@@ -14,7 +14,8 @@ import math
 
 import torch
 
-from .adm import class_index, fetch, load_unet, resolve_fp16
+from .adm import class_index, fetch, load_unet
+from .base import resolve_fp16
 from .base import Model
 
 MODEL_URL = 'https://openaipublic.blob.core.windows.net/consistency/edm_bedroom256_ema.pt'

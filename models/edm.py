@@ -18,7 +18,7 @@ from dnnlib import util
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import persistence
-from .base import Model
+from .base import Model, resolve_fp16
 
 URLS = {
     'cifar10': 'https://nvlabs-fi-cdn.nvidia.com/edm/pretrained/edm-cifar10-32x32-uncond-vp.pkl',
@@ -63,7 +63,7 @@ def load_edm(dataset_name, model_path=None, device='cpu', use_fp16=None, **kw):
     resolve_fp16(use_fp16, device)         # refuse --use_fp16=True off CUDA before any download
     path, cached = checkpoint_file(dataset_name, model_path)
     net = load_network(path, cached=cached, flag='--model_path' if model_path is not None else '--dataset_name')
-    return EDMModel(net, device=device, use_fp16=resolve_fp16(use_fp16, device, bool(getattr(net, 'use_fp16', False))))
+    return EDMModel(net, device=device, use_fp16=resolve_fp16(use_fp16, device, default=bool(getattr(net, 'use_fp16', False))))
 
 
 load_cifar10 = functools.partial(load_edm, 'cifar10')
@@ -72,17 +72,6 @@ load_afhqv2 = functools.partial(load_edm, 'afhqv2')
 load_imagenet64 = functools.partial(load_edm, 'imagenet64')
 
 
-def resolve_fp16(use_fp16, device, trained_fp16=True):
-    """None: follow the network's own setting (as EDM's generate.py does: imagenet64 was trained
-    with float16 activations, the DDPM++ models in float32), on CUDA only. Asking for half
-    precision elsewhere is an error, not a silent fallback: the networks only switch to float16
-    on CUDA, so the flag would otherwise be ignored without notice."""
-    if use_fp16 is None:
-        return device.type == 'cuda' and trained_fp16
-    if use_fp16 and device.type != 'cuda':
-        raise UserError(f'--use_fp16: half precision needs a CUDA device (this run uses "{device}"); '
-                        'drop the flag or pass --use_fp16=False')
-    return bool(use_fp16)
 
 
 def checkpoint_file(dataset_name, model_path=None):

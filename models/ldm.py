@@ -27,6 +27,7 @@ from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from . import reject_options
 from .autoencoders import FIRST_STAGES
+from .base import resolve_fp16
 from .discrete import DiscreteVPModel, scaled_linear_alphas_cumprod
 from .unet_ldm import UNetModel
 
@@ -263,14 +264,6 @@ class LatentDiffusion(DiscreteVPModel):
         return torch.cat([self.first_stage.decode(c) for c in z.split(DECODE_CHUNK)])
 
 
-def resolve_fp16(use_fp16, device):
-    """--use_fp16: default on for CUDA (as the reference's autocast), unavailable on CPU."""
-    device = torch.device(device)
-    if use_fp16 is None:
-        return device.type == 'cuda'
-    if use_fp16 and device.type != 'cuda':
-        raise UserError('--use_fp16: half precision needs a CUDA device; drop the flag or pass --use_fp16=False')
-    return bool(use_fp16)
 
 
 def locate_rank0_first(dataset_name, model_path, url):

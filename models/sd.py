@@ -25,7 +25,8 @@ from torch_utils import distributed as dist
 from torch_utils.prompts import read_prompt_file
 from . import reject_options
 from .clip_text import CLIPTextModel, infer_config, tokenize
-from .ldm import LatentDiffusion, build_first_stage, instantiate, load_parts, resolve_fp16, schedule, unet_weights
+from .base import resolve_fp16
+from .ldm import LatentDiffusion, build_first_stage, instantiate, load_parts, schedule, unet_weights
 from .unet_ldm import UNetModel
 
 URL = 'https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.ckpt'

@@ -317,7 +317,7 @@ def test_use_fp16_on_cpu_is_refused_before_any_download(tmp_path, monkeypatch, s
     assert hits(server, 'cifar10.pkl') == before and not (tmp_path / 'src').exists()
     assert edm.resolve_fp16(None, torch.device('cpu')) is False
     assert edm.resolve_fp16(None, torch.device('cuda', 0)) is True
-    assert edm.resolve_fp16(None, torch.device('cuda', 0), trained_fp16=False) is False   # DDPM++ pickles
+    assert edm.resolve_fp16(None, torch.device('cuda', 0), default=False) is False   # DDPM++ pickles
     assert edm.resolve_fp16(False, torch.device('cuda', 0)) is False
 
 
