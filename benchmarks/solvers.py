@@ -1,0 +1,128 @@
+"""Solver accuracy on the analytic models: RMSE to the exact ODE solution for every solver x
+schedule at NFE 3..10, 12, 15, 20, and each solver's own cost per step (denoiser excluded).
+
+    python benchmarks/solvers.py                       # gmm and digits, 32 seeds (1-6 min on 2 cores)
+    python benchmarks/solvers.py --models=gmm --seeds=0-63 --afs=True
+
+Latents are float64 (seeds drawn as sample.py draws them); the reference is
+model.exact(x, t_steps[0], t_steps[-1]), every schedule ending at the model's sigma_min. NFE ->
+num_steps uses solvers.count_nfe; an NFE a solver cannot reach (odd NFE for heun/dpm) is '-'.
+Writes benchmarks/results/solvers.json.
+"""
+
+import json
+import os
+import sys
+import time
+
+import click
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dnnlib                    # noqa: E402
+import models                    # noqa: E402
+import solver_utils              # noqa: E402
+import solvers                   # noqa: E402
+from torch_utils import misc     # noqa: E402
+
+NFES = (3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20)
+SCHEDULES = {'polynomial': 7.0, 'logsnr': 7.0, 'time_uniform': 2.0}     # schedule -> rho
+RECIPES = {'euler': 'polynomial', 'heun': 'polynomial', 'dpm': 'polynomial', 'ipndm': 'polynomial',
+           'ipndm_v': 'polynomial', 'deis': 'time_uniform', 'dpmpp': 'logsnr', 'unipc': 'logsnr'}
+
+
+def num_points_for(solver, nfe, afs):
+    """Smallest schedule length whose NFE is exactly `nfe`, or None."""
+    for n in range(2, nfe + 3):
+        if solvers.count_nfe(solver, n, afs=afs) == nfe:
+            return n
+    return None
+
+
+def solver_overhead(solver, x, num_points, repeats=20):
+    """Seconds per step spent in the solver itself: the denoiser returns a precomputed tensor."""
+    fixed = torch.zeros_like(x)
+    ts = solver_utils.get_schedule(num_points, 0.002, 80)
+    fn = solvers.SOLVERS[solver]
+    fn(lambda x_, s: fixed, x, ts)       # warm the coefficient cache, as repeated batches do
+    best = float('inf')
+    for _ in range(repeats):     # the minimum: other processes on the machine only add time
+        start = time.perf_counter()
+        fn(lambda x_, s: fixed, x, ts)
+        best = min(best, time.perf_counter() - start)
+    return best / (num_points - 1)
+
+
+def run(model_names, seeds, afs):
+    results = dict(nfes=list(NFES), schedules=SCHEDULES, seeds=seeds, afs=afs, models={})
+    for name in model_names:
+        model = models.load(name)
+        x = torch.stack([torch.randn(list(model.shape), generator=misc.seed_generator(s), dtype=torch.float64)
+                         for s in seeds]) * model.sigma_max
+        exact = model.exact(x, model.sigma_max, model.sigma_min)
+        start = time.perf_counter()
+        for _ in range(5):
+            model.denoise(x, 1.0)
+        per_call = (time.perf_counter() - start) / 5
+        table = {}
+        for solver in solvers.SOLVERS:
+            for schedule, rho in SCHEDULES.items():
+                row = []
+                for nfe in NFES:
+                    n = num_points_for(solver, nfe, afs)
+                    if n is None or n < 2:
+                        row.append(None)
+                        continue
+                    ts = solver_utils.get_schedule(n, model.sigma_min, model.sigma_max, schedule, rho)
+                    out = solvers.SOLVERS[solver](model.denoise, x, ts, afs=afs)
+                    row.append(float((out - exact).square().mean().sqrt()))
+                table[f'{solver}/{schedule}'] = row
+        overhead = {s: solver_overhead(s, x.float(), 11) for s in solvers.SOLVERS}
+        results['models'][name] = dict(rmse=table, denoiser_seconds_per_call=per_call,
+                                       solver_seconds_per_step=overhead, batch=len(seeds))
+    return results
+
+
+def print_tables(results):
+    for name, res in results['models'].items():
+        print(f'\n{name}: RMSE to exact() over {len(results["seeds"])} seeds, afs={results["afs"]} '
+              f'(* = default recipe)')
+        print(f'{"solver/schedule":26s}' + ''.join(f'{"NFE " + str(n):>10s}' for n in results['nfes']))
+        for key, row in res['rmse'].items():
+            solver, schedule = key.split('/')
+            mark = '*' if RECIPES[solver] == schedule else ' '
+            print(f'{mark}{key:25s}' + ''.join(f'{v:10.2e}' if v is not None else f'{"-":>10s}' for v in row))
+        print(f'denoiser: {res["denoiser_seconds_per_call"] * 1e3:.2f} ms per call (batch {res["batch"]}, float64); '
+              'solver alone, per step (float32, denoiser excluded):')
+        print('  ' + ', '.join(f'{s} {t * 1e6:.0f} us' for s, t in res['solver_seconds_per_step'].items()))
+
+
+@click.command()
+@click.option('--models', 'model_names', type=str, default='gmm,digits', help='Comma-separated analytic models')
+@click.option('--seeds', type=str, default='0-31', help='Seeds of the latents, e.g. 0-31')
+@click.option('--afs', type=click.BOOL, default=False, help='Analytical first step')
+@click.option('--out', type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'solvers.json'),
+              help='JSON output')
+def main(model_names, seeds, afs, out):
+    """Solver x schedule accuracy table on the analytic models."""
+    names = [m for m in model_names.split(',') if m]
+    for m in names:
+        if m not in ('gmm', 'digits'):
+            raise dnnlib.util.UserError(f'--models: "{m}" has no exact solution; choose among gmm, digits')
+    try:
+        seed_list = misc.parse_int_list(seeds)
+    except ValueError as e:
+        raise dnnlib.util.UserError(f'--seeds: {e}') from None
+    torch.set_num_threads(min(2, os.cpu_count() or 1))
+    start = time.time()
+    results = run(names, seed_list, afs)
+    results['seconds'] = time.time() - start
+    print_tables(results)
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    misc.atomic_write_json(out, results)
+    print(f'\nWrote {out} ({results["seconds"]:.0f} s)')
+
+
+if __name__ == '__main__':
+    dnnlib.util.run_cli(main)
