@@ -13,22 +13,11 @@ explicit softmax (up to float rounding), with memory-efficient kernels on GPUs (
 self-attention at batch 2B would otherwise need tens of GB).
 """
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def timestep_embedding(t, dim, max_period=10000):
-    """Sinusoidal embedding of (possibly fractional) timesteps: [cos | sin], as openaimodel."""
-    half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
-    args = t[:, None].float() * freqs[None]
-    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    if dim % 2:
-        emb = torch.cat([emb, torch.zeros_like(emb[:, :1])], dim=-1)
-    return emb
+from .unet_adm import timestep_embedding  # the same sinusoidal embedding as ADM's
 
 
 class GroupNorm32(nn.GroupNorm):
