@@ -7,7 +7,7 @@ Every image is a pure function of its seed (noise and class label are drawn from
 seeded by the seed alone), so batch size, process count and interruptions do not change it.
 """
 
-import json
+import concurrent.futures
 import math
 import os
 import sys
@@ -63,6 +63,19 @@ def make_grid(arrays, min_tile=32):
         r, q = divmod(i, cols)
         grid[r * th:r * th + h * scale, q * tw:q * tw + w * scale] = a.repeat(scale, 0).repeat(scale, 1)
     return grid
+
+
+def write_images(outdir, subdirs, seeds, images, infos):
+    """Write one PNG per seed (and its info JSON first: the PNG marks the seed as finished)."""
+    try:
+        for seed, image, info in zip(seeds, images, infos):
+            path = image_path(outdir, seed, subdirs)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            if info is not None:
+                misc.atomic_write_json(image_path(outdir, seed, subdirs, '.json'), info)
+            misc.atomic_write_bytes(path, png_bytes(image))
+    except OSError as e:
+        raise UserError(f'--outdir: cannot write images to "{outdir}": {e.strerror}') from None
 
 
 def image_path(outdir, seed, subdirs, ext='.png'):
@@ -153,7 +166,7 @@ def validate(opts):
         opts.solver_options = solvers.resolve_options(opts.solver, solver_options)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if opts.dp or opts.save_schedules:
+    if opts.dp or opts.save_schedules or opts.search or opts.refine or opts.refine_budget is not None:
         import gits
         gits.validate_options(opts)
     if opts.sigma_min is not None and opts.sigma_min <= 0:
@@ -178,6 +191,8 @@ def run(opts):
     model = models.load(opts.dataset_name, model_path=opts.model_path, device=device, **model_kwargs(opts))
     if opts.class_idx is not None and not (0 <= opts.class_idx < max(model.label_dim, 1) and model.label_dim):
         raise UserError(f'--class_idx: needs a class-conditional model and 0 <= class_idx < {model.label_dim}')
+    if hasattr(model, 'check_seeds'):     # e.g. SD with --prompt_file: every seed needs its prompt line
+        model.check_seeds(opts.seed_list)
 
     t_steps, search_info = build_schedule(opts, model, device)
     if opts.save_schedules:
@@ -210,28 +225,31 @@ def run(opts):
     sample_fn = solvers.SOLVERS[opts.solver]
     grid_parts = []
     from tqdm import tqdm
-    for batch_seeds in tqdm(batches, unit='batch', disable=(rank != 0), file=sys.stdout):
-        if not batch_seeds:
-            continue
-        noise, labels = draw_seed_inputs(batch_seeds, model.shape, model.label_dim)
-        if labels is not None and opts.class_idx is not None:
-            labels[:] = opts.class_idx
-        denoise = model.bind(**model.conditioning(batch_seeds, labels))
-        x = noise.to(device=device, dtype=torch.float32) * float(t_steps[0])
-        with torch.no_grad():
-            x = sample_fn(denoise, x, t_steps, afs=afs, denoise_to_zero=opts.denoise_to_zero,
-                          **opts.solver_options)
-            images = to_uint8(model.decode(x))
-        if opts.grid:
-            grid_parts.extend(zip(batch_seeds, images))
-            continue
-        for seed, image in zip(batch_seeds, images):
-            path = image_path(outdir, seed, opts.subdirs)
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            info = model.image_info(seed)
-            if info is not None:   # written first: the PNG marks the seed as finished
-                misc.atomic_write_json(image_path(outdir, seed, opts.subdirs, '.json'), info)
-            misc.atomic_write_bytes(path, png_bytes(image))
+    # PNG encoding and writing run on a background thread, so that on a GPU they overlap the next
+    # batch's sampling; at most one batch waits for its writes (bounded memory, errors surface).
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+        pending = None
+        for batch_seeds in tqdm(batches, unit='batch', disable=(rank != 0), file=sys.stdout):
+            if not batch_seeds:
+                continue
+            noise, labels = draw_seed_inputs(batch_seeds, model.shape, model.label_dim)
+            if labels is not None and opts.class_idx is not None:
+                labels[:] = opts.class_idx
+            denoise = model.bind(**model.conditioning(batch_seeds, labels))
+            x = noise.to(device=device, dtype=torch.float32) * float(t_steps[0])
+            with torch.no_grad():
+                x = sample_fn(denoise, x, t_steps, afs=afs, denoise_to_zero=opts.denoise_to_zero,
+                              **opts.solver_options)
+                images = to_uint8(model.decode(x))
+            if opts.grid:
+                grid_parts.extend(zip(batch_seeds, images))
+                continue
+            infos = [model.image_info(seed) for seed in batch_seeds]
+            if pending is not None:
+                pending.result()
+            pending = writer.submit(write_images, outdir, opts.subdirs, batch_seeds, images, infos)
+        if pending is not None:
+            pending.result()
 
     if opts.grid:
         parts = [p for rank_parts in dist.all_gather_object(grid_parts) for p in rank_parts]
@@ -290,6 +308,9 @@ def run(opts):
 @click.option('--save_schedules', type=str, default=None, help='GITS: search once, save schedules for several NFEs to this JSON file, and exit')
 @click.option('--save_num_steps', type=str, default=None, help='GITS: num_steps values for --save_schedules, e.g. 4-11 [default: --num_steps]')
 @click.option('--schedule_file', type=str, default=None, help='Sample with the schedule for --num_steps from a file written by --save_schedules')
+@click.option('--search', type=click.Choice(['gits', 'student']), default=None, help='GITS cost: gits (one Euler step, the paper) or student (the student solver\'s own step) [default: gits]')
+@click.option('--refine', type=BOOL, default=False, help='GITS: refine the searched schedule on the warm-up set (student\'s final-point error)')
+@click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 4]')
 def main(**kwargs):
     """Sample images from a diffusion model with a fast ODE solver."""
     run(dnnlib.EasyDict(kwargs))
