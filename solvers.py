@@ -12,7 +12,6 @@ and ranges, and its denoiser evaluations per step (for NFE accounting).
 
 import dataclasses
 
-import torch
 
 import solver_utils
 from solver_utils import History, afs_slope, combine, finish

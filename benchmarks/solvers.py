@@ -10,7 +10,6 @@ num_steps uses solvers.count_nfe; an NFE a solver cannot reach (odd NFE for heun
 Writes benchmarks/results/solvers.json.
 """
 
-import json
 import os
 import sys
 import time
