@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import statistics
 import sys
 import tempfile
 import time
@@ -214,10 +215,12 @@ def benchmark_solver(model, solver, opts, device, sync, workdir):
             run.update(min(bares, key=lambda r: r['bare_s']))
             run.update(bare_img_s=num_seeds / run['bare_s'], ratio=run['loop_s'] / run['bare_s'],
                        cpu_ratio=min(r['loop_cpu_s'] for r in loops) / min(r['bare_cpu_s'] for r in bares),
-                       all_loop_s=[r['loop_s'] for r in loops], all_bare_s=[r['bare_s'] for r in bares])
+                       all_loop_s=[r['loop_s'] for r in loops], all_bare_s=[r['bare_s'] for r in bares],
+                       median_ratio=statistics.median(a['loop_s'] / b['bare_s'] for a, b in zip(loops, bares)))
         row['runs'].append(run)
         print(f'  {solver:8s} seeds={num_seeds:5d}: loop {run["loop_s"]:8.2f}s (denoiser {run["denoiser_s"]:8.2f}s)'
-              + (f', bare {run["bare_s"]:8.2f}s, ratio {run["ratio"]:.4f} (CPU time {run["cpu_ratio"]:.4f})'
+              + (f', bare {run["bare_s"]:8.2f}s, ratio {run["ratio"]:.4f} (median of pairs {run["median_ratio"]:.4f},'
+                 f' CPU time {run["cpu_ratio"]:.4f})'
                  if 'bare_s' in run else '')
               + f', peak {run["peak_mib"]:8.1f} MiB', flush=True)
     return row
