@@ -202,7 +202,7 @@ def best_recipes(results, nfe_targets=(5, 10)):
 @click.option('--datasets', default='gmm,digits', show_default=True)
 @click.option('--solvers', 'solver_names', default=','.join(ALL_SOLVERS), show_default=True)
 @click.option('--nfes', default='4,5,6,8,10', show_default=True)
-@click.option('--num_warmup', type=click.IntRange(min=1), default=32, show_default=True)
+@click.option('--num_warmup', type=click.IntRange(min=1), default=128, show_default=True)
 @click.option('--num_eval', type=click.IntRange(min=2), default=64, show_default=True)
 @click.option('--warmup_seed', type=int, default=1_000_000_000, show_default=True)
 @click.option('--eval_seed', type=int, default=0, show_default=True)
