@@ -435,8 +435,9 @@ def refine_schedule(data, inits, solver, options, afs=False, budget=None, subset
                     timing=None):
     """Refine the best of `inits` ({name: t_steps}, equal lengths). The starts are compared on
     the whole warm-up set. The pattern search runs on its first `subset` trajectories (global
-    index); the others validate: the result is kept only if it also beats the start on them, so
-    neither part's objective, nor the whole warm-up objective, ever rises. `budget`: the most
+    index); the others validate: the result is kept only if it also beats the start on them by more
+    than one paired standard error, so neither part's objective, nor the whole warm-up objective,
+    ever rises. `budget`: the most
     denoiser evaluations to spend, all processes and stages together (None: no limit). Returns
     (t_steps, info)."""
     timing = timing if timing is not None else {}
@@ -490,10 +491,15 @@ def refine_schedule(data, inits, solver, options, afs=False, budget=None, subset
     final = starts[start]
     if best_ts is not start_ts:
         if held:
-            check = float(errors(best_ts, used, total).mean())
-            if check < float(start_err[used:].mean()):
-                final = (best * used + check * held) / total
-            else:                          # the search's gain does not carry over: keep the start
+            # Keep the search's result only if its gain carries over to the validation
+            # trajectories by more than one standard error of the paired per-trajectory
+            # difference: a gain within noise is more likely overfitting than improvement.
+            check_err = errors(best_ts, used, total)
+            diff = (check_err - start_err[used:]).to(torch.float64)
+            margin = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
+            if float(diff.mean()) + margin < 0:
+                final = (best * used + float(check_err.mean()) * held) / total
+            else:                          # the gain does not carry over: keep the start
                 best_ts = start_ts
         else:
             final = best
