@@ -4,6 +4,7 @@ refinement's monotonicity, budget and ordering, determinism, and the sample.py f
 
 import json
 import math
+import types
 
 import pytest
 import torch
@@ -176,3 +177,26 @@ def test_bad_refine_flags(tmp_path, args, flag):
     r = run_cli('sample.py', '--dataset_name=digits', *args, f'--outdir={tmp_path / "o"}')
     assert_one_line_error(r, flag)
     assert not (tmp_path / 'o').exists()
+
+
+@pytest.mark.parametrize('validation_gain,kept', [(0.001, False), (50.0, True)])
+def test_refinement_kept_only_if_validation_gain_beats_noise(monkeypatch, validation_gain, kept):
+    """Synthetic errors: on the search half the error falls with the interior noise level, so the
+    search always moves it; on the validation half the error is zero-mean schedule-dependent
+    noise plus `validation_gain` times that level. A real but tiny gain, far inside the noise, must
+    be rejected (start kept); a gain well beyond it kept."""
+    def fake_errors(data, t_steps, solver, options, afs=False, lo=0, hi=None):
+        level = float(t_steps[1])
+        idx = torch.arange(32, 64, dtype=torch.float64)
+        noise = torch.sin(1000 * level + idx)
+        validation = validation_gain * level + noise - noise.mean()   # the mean gain is exactly real
+        every = torch.cat([torch.full([32], level, dtype=torch.float64), validation])
+        return every[lo:hi], 0
+
+    monkeypatch.setattr(gits, 'warmup_errors', fake_errors)
+    data = [types.SimpleNamespace(size=64)]
+    start = torch.tensor([80.0, 10.0, 0.002], dtype=torch.float64)
+    ts, info = gits.refine_schedule(data, {'start': start}, 'euler', {}, subset=32)
+    assert info['moved'] is kept
+    assert (float(ts[1]) < 10.0) is kept
+    assert torch.equal(ts, start) is (not kept)
