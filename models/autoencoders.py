@@ -16,6 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .unet_ldm import Upsample  # nearest-neighbour x2 then a 3x3 conv, the same module in both
+
 
 def normalize(channels):
     return nn.GroupNorm(32, channels, eps=1e-6)
@@ -67,15 +69,6 @@ class Downsample(nn.Module):
 
     def forward(self, x):
         return self.conv(F.pad(x, (0, 1, 0, 1)))
-
-
-class Upsample(nn.Module):
-    def __init__(self, channels):
-        super().__init__()
-        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
-
-    def forward(self, x):
-        return self.conv(F.interpolate(x, scale_factor=2, mode='nearest'))
 
 
 def _level(blocks, attn, resample=None, resample_name=None):
