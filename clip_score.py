@@ -25,7 +25,7 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from fid import fetch, rank0_first, resolve
+from fid import fetch, resolve
 from torch_utils import distributed as dist
 from torch_utils import image_folder
 from torch_utils.prompts import read_prompt_file
@@ -102,7 +102,7 @@ def load_clip(model_name, pretrained, device):
         open_clip.add_model_config(model_name)      # registered under the file's stem
         name = os.path.splitext(os.path.basename(model_name))[0]
     if pretrained and dnnlib.util.is_url(pretrained):
-        pretrained = resolve(pretrained, '--pretrained', cache_dir())   # inside rank0_first
+        pretrained = resolve(pretrained, '--pretrained', cache_dir())   # inside dist.rank0_first
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, device=device, cache_dir=cache_dir())
@@ -163,7 +163,7 @@ def calc(images, prompts, model, pretrained, num, seed, batch, workers, device):
     device = dist.init(device)
     texts = prompts_from_file(folder, indices, prompts) if prompts else prompts_from_json(folder, indices)
     dist.print0(f'Loading CLIP {model} ({pretrained})...')
-    net, preprocess, tokenizer = rank0_first(lambda: load_clip(model, pretrained, device))
+    net, preprocess, tokenizer = dist.rank0_first(lambda: load_clip(model, pretrained, device))
     dist.print0(f'Scoring {len(indices)} images from "{images}"...')
     score = clip_score(folder, indices, texts, net, preprocess, tokenizer, device, batch=batch, workers=workers)
     if dist.get_rank() == 0:

@@ -42,24 +42,9 @@ def cache_dir():
     return os.path.join(dnnlib.util.default_cache_dir(), 'metrics')
 
 
-def rank0_first(fn):
-    """fn() on rank 0 first (it may download), then on the other ranks (which then find the
-    cached files). A UserError on rank 0 is raised on every rank, so none is left waiting."""
-    result, error = None, None
-    if dist.get_rank() == 0:
-        try:
-            result = fn()
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)
-    if error is not None:
-        raise UserError(error)
-    return result if dist.get_rank() == 0 else fn()
-
-
 def resolve(url_or_path, flag, cache=None):
     """Local path of a file or URL, downloaded once into `cache` (default cache_dir()). Not
-    collective: under torchrun call it through rank0_first (as `fetch` does)."""
+    collective: under torchrun call it through dist.rank0_first (as `fetch` does)."""
     try:
         return dnnlib.util.resolve_path(url_or_path, cache_dir=cache or cache_dir(),
                                         progress=dist.get_rank() == 0, flag=flag)
@@ -69,7 +54,7 @@ def resolve(url_or_path, flag, cache=None):
 
 def fetch(url_or_path, flag, cache=None):
     """`resolve` on rank 0 first (it downloads), then on the other ranks (they find the file)."""
-    return rank0_first(lambda: resolve(url_or_path, flag, cache))
+    return dist.rank0_first(lambda: resolve(url_or_path, flag, cache))
 
 
 # ----------------------------------------------------------------------------------------------

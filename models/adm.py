@@ -26,6 +26,7 @@ from torch.nn import functional as F
 
 from dnnlib import util
 from dnnlib.util import UserError
+from torch_utils import distributed as dist
 
 from . import unet_adm
 from .base import resolve_fp16
@@ -49,7 +50,8 @@ def fetch(url_or_path, dataset_name, flag='--model_path'):
     if not util.is_url(url_or_path) and not os.path.isfile(url_or_path):
         raise UserError(f'{flag}: file not found: {url_or_path}')
     try:
-        return util.resolve_path(url_or_path, cache_dir=os.path.join('src', dataset_name))
+        return dist.rank0_first(lambda: util.resolve_path(url_or_path, cache_dir=os.path.join('src', dataset_name),
+                                                          progress=dist.get_rank() == 0))
     except UserError as e:
         raise UserError(f'{flag}: {e}') from None
 

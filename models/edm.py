@@ -90,20 +90,8 @@ def checkpoint_file(dataset_name, model_path=None):
 
 
 def fetch(source, cache_dir):
-    """util.resolve_path, with only rank 0 downloading under torchrun. Its outcome is shared
-    with the other ranks, so a failed download stops every rank instead of leaving some waiting."""
-    if dist.get_world_size() == 1:
-        return util.resolve_path(source, cache_dir=cache_dir)
-    error = None
-    if dist.get_rank() == 0:
-        try:
-            util.resolve_path(source, cache_dir=cache_dir)
-        except UserError as e:
-            error = str(e)
-    error = dist.broadcast_object(error)
-    if error is not None:
-        raise UserError(error)
-    return util.resolve_path(source, cache_dir=cache_dir, progress=False)
+    """util.resolve_path with only rank 0 downloading under torchrun (dist.rank0_first)."""
+    return dist.rank0_first(lambda: util.resolve_path(source, cache_dir=cache_dir, progress=dist.get_rank() == 0))
 
 
 class InvalidCheckpoint(Exception):

@@ -266,22 +266,10 @@ class LatentDiffusion(DiscreteVPModel):
 
 
 
-def locate_rank0_first(dataset_name, model_path, url):
-    """`locate` on rank 0 first (it may download and unpack), then on the other ranks, which
-    then find the files in place instead of racing for the same download."""
-    first = dist.get_rank() == 0
-    if not first:
-        dist.barrier()
-    try:
-        return locate(dataset_name, model_path, url)
-    finally:
-        if first:
-            dist.barrier()
-
-
 def load_parts(dataset_name, model_path, default_config, url):
     """(model params from the config, state dict, ckpt path) for a latent-diffusion model."""
-    ckpt, config_path = locate_rank0_first(dataset_name, model_path, url)
+    # rank 0 first: it may download and unpack; the other ranks then find the files in place.
+    ckpt, config_path = dist.rank0_first(lambda: locate(dataset_name, model_path, url))
     cfg = read_config(config_path) if config_path else copy.deepcopy(default_config)
     dist.print0(f'Loading {dataset_name} from "{ckpt}" (config: {config_path or "built-in"})...')
     return cfg['model']['params'], load_state_dict(ckpt), ckpt

@@ -6,6 +6,8 @@ import os
 import torch
 import torch.distributed as dist
 
+from dnnlib.util import UserError
+
 
 def init(device=None):
     """Initialise the default process group when launched by torchrun (NCCL for CUDA, gloo for
@@ -75,6 +77,24 @@ def broadcast_object(obj, src=0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank0_first(fn):
+    """fn() on rank 0 first (it may download or unpack), then on the other ranks, which find the
+    files in place instead of racing for them. A UserError on rank 0 is raised on every rank, so
+    none is left waiting. Without torchrun it is just fn()."""
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    error = broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+    return result if get_rank() == 0 else fn()
 
 
 def print0(*args, **kwargs):
