@@ -655,8 +655,6 @@ def validate_options(opts):
         raise UserError(f'--num_steps_tea: must be at least --num_steps ({opts.num_steps}); got {opts.num_steps_tea}')
     if opts.metric not in METRICS:
         raise UserError(f'--metric: must be one of {", ".join(METRICS)}')
-    if opts.t_steps is not None:
-        raise UserError('--dp: cannot be combined with --t_steps (the schedule is given); drop one of them')
     if opts.get('search') is not None and opts.search not in SEARCH_MODES:
         raise UserError(f'--search: must be one of {", ".join(SEARCH_MODES)} (got "{opts.search}")')
     budget = opts.get('refine_budget')

@@ -152,9 +152,12 @@ def validate(opts):
     if opts.dataset_name not in models.REGISTRY:
         raise UserError(f'--dataset_name: unknown model "{opts.dataset_name}"; choose one of {", ".join(models.REGISTRY)}')
     opts.t_steps_list = None
+    sources = [flag for flag, given in (('--t_steps', opts.t_steps is not None),
+                                         ('--schedule_file', opts.schedule_file is not None),
+                                         ('--dp', opts.dp)) if given]
+    if len(sources) > 1:      # each of them fixes the schedule: refuse rather than silently pick one
+        raise UserError(f'{sources[-1]}: cannot be combined with {sources[0]} (each one sets the schedule); drop one of them')
     if opts.t_steps is not None:
-        if opts.dp:
-            raise UserError('--dp: cannot be combined with --t_steps (the schedule is given); drop one of them')
         try:
             opts.t_steps_list = solver_utils.parse_t_steps(opts.t_steps)
         except ValueError as e:
@@ -254,7 +257,8 @@ def run(opts):
     if opts.grid:
         parts = [p for rank_parts in dist.all_gather_object(grid_parts) for p in rank_parts]
         if rank == 0:
-            parts.sort(key=lambda p: opts.seed_list.index(p[0]))
+            position = {seed: i for i, seed in enumerate(opts.seed_list)}
+            parts.sort(key=lambda p: position[p[0]])
             misc.atomic_write_bytes(os.path.join(outdir, 'grid.png'), png_bytes(make_grid([p[1] for p in parts])))
     dist.barrier()
     dist.print0(f'Done: {len(opts.seed_list)} seeds in {outdir}')

@@ -146,6 +146,11 @@ def test_save_schedules_then_sample_from_file(tmp_path):
     r = run_cli('sample.py', '--dataset_name=digits', '--solver=heun', '--num_steps=9', f'--schedule_file={path}',
                 f'--outdir={tmp_path / "x"}')
     assert_one_line_error(r, '--num_steps')
+    for args, flag in (([f'--schedule_file={tmp_path / "missing.json"}'], '--schedule_file'),
+                       ([f'--schedule_file={path}', '--t_steps=[80,1,0.002]'], '--schedule_file')):
+        r = run_cli('sample.py', '--dataset_name=digits', '--solver=heun', *args, f'--outdir={tmp_path / "y"}')
+        assert_one_line_error(r, flag)
+        assert not (tmp_path / 'y').exists()
 
 
 BAD = [
@@ -156,6 +161,9 @@ BAD = [
     (['--num_warmup', '0'], '--num_warmup'),
     (['--t_steps=[80,1,0.002]'], '--dp'),
     (['--warmup_seed=0', '--seeds=0-3'], '--warmup_seed'),
+    (['--schedule_file=s.json'], '--dp'),
+    (['--save_schedules=s.json', '--save_num_steps=1-3'], '--save_num_steps'),
+    (['--save_schedules=s.json', '--save_num_steps=a'], '--save_num_steps'),
 ]
 
 
