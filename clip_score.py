@@ -25,7 +25,6 @@ import torch
 
 import dnnlib
 from dnnlib.util import UserError
-from fid import fetch, resolve
 from torch_utils import distributed as dist
 from torch_utils import image_folder
 from torch_utils.prompts import read_prompt_file
@@ -49,7 +48,7 @@ def image_seed(name):
 
 
 def prompts_from_file(folder, indices, path):
-    prompts = read_prompt_file(fetch(path, '--prompts', cache_dir()), flag='--prompts')
+    prompts = read_prompt_file(dist.fetch_file(path, '--prompts', cache_dir()), flag='--prompts')
     out = []
     for i in indices:
         name = folder.names[i]
@@ -102,7 +101,7 @@ def load_clip(model_name, pretrained, device):
         open_clip.add_model_config(model_name)      # registered under the file's stem
         name = os.path.splitext(os.path.basename(model_name))[0]
     if pretrained and dnnlib.util.is_url(pretrained):
-        pretrained = resolve(pretrained, '--pretrained', cache_dir())   # inside dist.rank0_first
+        pretrained = dist.resolve_file(pretrained, '--pretrained', cache_dir())   # inside dist.rank0_first
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
             name, pretrained=pretrained or None, device=device, cache_dir=cache_dir())

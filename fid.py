@@ -42,21 +42,6 @@ def cache_dir():
     return os.path.join(dnnlib.util.default_cache_dir(), 'metrics')
 
 
-def resolve(url_or_path, flag, cache=None):
-    """Local path of a file or URL, downloaded once into `cache` (default cache_dir()). Not
-    collective: under torchrun call it through dist.rank0_first (as `fetch` does)."""
-    try:
-        return dnnlib.util.resolve_path(url_or_path, cache_dir=cache or cache_dir(),
-                                        progress=dist.get_rank() == 0, flag=flag)
-    except UserError as e:
-        raise UserError(f'{flag}: {e}') from None
-
-
-def fetch(url_or_path, flag, cache=None):
-    """`resolve` on rank 0 first (it downloads), then on the other ranks (they find the file)."""
-    return dist.rank0_first(lambda: resolve(url_or_path, flag, cache))
-
-
 # ----------------------------------------------------------------------------------------------
 # Detector.
 
@@ -85,7 +70,7 @@ def save_detector(module, path):
 
 
 def load_detector(url_or_path, device):
-    path = fetch(url_or_path, '--detector')
+    path = dist.fetch_file(url_or_path, '--detector', cache_dir())
     try:
         with open(path, 'rb') as f, warnings.catch_warnings():
             warnings.simplefilter('ignore', FutureWarning)    # torch.jit.load's deprecation notice
@@ -171,7 +156,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
 
 
 def load_stats(url_or_path, flag='--ref'):
-    path = fetch(url_or_path, flag)
+    path = dist.fetch_file(url_or_path, flag, cache_dir())
     try:
         with np.load(path, allow_pickle=False) as data:
             stats = {k: data[k] for k in data.files}

@@ -1,28 +1,28 @@
 """GITS: geometry-inspired time scheduling (Chen et al., ICML 2024, arXiv:2405.11326).
 
 Sampling trajectories of the probability-flow ODE share a strong shape regularity, so a schedule
-fitted on a few warm-up trajectories serves all samples. The search:
+fitted on a few warm-up trajectories serves all samples. This file is the paper's algorithm, top
+to bottom:
 
-1. runs a fine teacher solver on warm-up noise over `num_steps_tea` points of the student's
-   schedule type, keeping every point x_i and its raw slope d_i = (x_i - D(x_i; t_i)) / t_i;
-2. prices every coarse step i -> j by one Euler step from the teacher point,
-   xhat = x_i + (t_j - t_i) d_i, against the teacher point x_j (`cost_matrix`);
-3. picks the cheapest path of K = num_steps - 1 steps by dynamic programming (`dp`); one cost
+1. a fine teacher solver runs on warm-up noise over `num_steps_tea` points of the student's
+   schedule type, keeping every point x_i and its raw slope d_i = (x_i - D(x_i; t_i)) / t_i
+   (`run_teachers`);
+2. every coarse step i -> j is priced by one Euler step from the teacher point,
+   xhat = x_i + (t_j - t_i) d_i, against the teacher point x_j (`trajectory_costs`);
+3. dynamic programming picks the cheapest path of K = num_steps - 1 steps (`dp`); one cost
    matrix gives the best path for every K (`dp_all`);
-4. with afs, tries each teacher point strictly between the first two chosen ones as a free extra
-   step and keeps the one whose student output is closest to the teacher's.
+4. with afs, each teacher point strictly between the first two chosen ones is tried as a free
+   extra step, and the one whose student output is closest to the teacher's is kept
+   (`afs_free_step`).
 
-Beyond the paper (issue 10): search='student' prices each step by the student solver's own
-update (its order, history, afs, midpoint/corrector evaluations) against the teacher point
-(`price_step`, `student_dp`); refine=True then moves the interior points, in log sigma, to
-minimise the student's final-point error on the warm-up set within a budget of denoiser
-evaluations (`refine_schedule`), starting from the best of GITS, solver-aware and fixed schedules.
+`search_rounds` runs the four over warm-up rounds (possibly spread over processes) and
+`search_schedule` over one tensor of warm-up noise. What goes beyond the paper (a DP that prices
+the student solver's own steps, and refinement of the schedule) is in student_search.py.
 
 Everything is per trajectory in float64 and reduced in warm-up-index order, so the schedule is
 the same bit for bit whatever the batch size or number of processes.
 """
 
-import json
 import math
 import time
 
@@ -30,7 +30,6 @@ import torch
 
 import solver_utils
 import solvers
-from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import misc
 
@@ -40,45 +39,54 @@ METRICS = ('dev', 'l1', 'l2')
 # ----------------------------------------------------------------------------------------------
 # 1. Teacher trajectories.
 
-class _RecordingDenoiser:
-    """Wraps a denoiser and remembers the last call at each noise level, so the teacher's own
-    evaluations at its grid points give the slopes without extra network calls."""
+class TeacherRound:
+    """One warm-up round and its teacher run: points xs [N, B, ...], raw slopes ds and denoiser
+    outputs dens [N-1, B, ...] at the teacher points (the teacher's own calls, no extra
+    evaluation; none is needed at the last point). `first` numbers the round's trajectories
+    globally, so that reductions can follow the warm-up index whatever the split."""
 
-    def __init__(self, denoise):
-        self.denoise = denoise
-        self.calls = {}
-        self.count = 0
+    def __init__(self, first, denoise, latents, xs, ds, dens):
+        self.first, self.denoise, self.latents = first, denoise, latents
+        self.xs, self.ds, self.dens = xs, ds, dens
 
-    def __call__(self, x, sigma):
-        out = self.denoise(x, sigma)
-        self.calls[float(sigma)] = (x, out)
-        self.count += 1
-        return out
+    @property
+    def size(self):
+        return self.xs.shape[1]
 
 
-def _teacher_run(denoise, latents, t_tea, solver_tea='ipndm', **options):
-    """Teacher points xs [N, B, ...], slopes ds and denoiser outputs dens [N-1, B, ...] (none is
-    needed at the last point), and the number of denoiser calls."""
-    rec = _RecordingDenoiser(denoise)
-    x0 = latents * float(t_tea[0])
-    _, xs = solvers.SOLVERS[solver_tea](rec, x0, t_tea, return_inters=True, **options)
+def teacher_run(denoise, latents, t_tea, solver_tea='ipndm', **options):
+    """The teacher on `latents` (standard normal; it starts at latents * t_tea[0]). Returns
+    (xs, ds, dens, recorder): the recorder counts the denoiser calls and evaluations spent."""
+    rec = solver_utils.Recorder(denoise, keep=True)
+    _, xs = solvers.SOLVERS[solver_tea](rec, latents * float(t_tea[0]), t_tea, return_inters=True, **options)
     ds, dens = [], []
     for i, t in enumerate(t_tea[:-1]):
-        hit = rec.calls.get(float(t))
-        if hit is not None and hit[0].shape == xs[i].shape and torch.equal(hit[0], xs[i]):
-            d_out = hit[1]
-        else:   # the solver evaluated elsewhere (e.g. UniPC's corrector moved the point)
-            d_out = denoise(xs[i], float(t))
-        dens.append(d_out)
-        ds.append((xs[i] - d_out) / float(t))
-    return xs, torch.stack(ds), torch.stack(dens), rec.count
+        out = rec.lookup(xs[i], float(t))
+        if out is None:      # the solver evaluated elsewhere (e.g. UniPC's corrector moved the point)
+            out = rec(xs[i], float(t))
+        dens.append(out)
+        ds.append((xs[i] - out) / float(t))
+    return xs, torch.stack(ds), torch.stack(dens), rec
 
 
 def teacher_trajectory(denoise, latents, t_tea, solver_tea='ipndm', **options):
-    """Teacher points xs [N, B, ...] and raw slopes ds [N-1, B, ...] (no slope is needed at the
-    last point). `latents` are standard normal; the teacher starts at latents * t_tea[0]."""
-    xs, ds, _, count = _teacher_run(denoise, latents, t_tea, solver_tea, **options)
-    return xs, ds, count
+    """Teacher points xs [N, B, ...], raw slopes ds [N-1, B, ...] and the number of denoiser
+    calls."""
+    xs, ds, _, rec = teacher_run(denoise, latents, t_tea, solver_tea, **options)
+    return xs, ds, rec.calls
+
+
+def run_teachers(rounds, t_tea, solver_tea='ipndm', **options):
+    """Teacher runs for every warm-up round (first_index, denoise, latents). Returns
+    ([TeacherRound], denoiser calls on this rank, evaluations (batch rows) on this rank)."""
+    data, calls, evals = [], 0, 0
+    for first, denoise, latents in rounds:
+        with torch.no_grad():
+            xs, ds, dens, rec = teacher_run(denoise, latents, t_tea, solver_tea, **options)
+        data.append(TeacherRound(first, denoise, latents, xs, ds, dens))
+        calls += rec.calls
+        evals += rec.evals
+    return data, calls, evals
 
 
 # ----------------------------------------------------------------------------------------------
@@ -171,56 +179,47 @@ def path_cost(cost, path, coeff):
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Teacher runs over the warm-up rounds (shared by every search mode).
+# 4. The analytical first step's free step.
 
-class TeacherRound:
-    """One warm-up round and its teacher run: points xs [N, B, ...] and denoiser outputs
-    dens [N-1, B, ...] at the teacher points (the teacher's own calls, no extra evaluation).
-    `first` numbers the round's trajectories globally."""
-
-    def __init__(self, first, denoise, latents, xs, ds, dens):
-        self.first, self.denoise, self.latents = first, denoise, latents
-        self.xs, self.ds, self.dens = xs, ds, dens
-
-    @property
-    def size(self):
-        return self.xs.shape[1]
-
-
-def run_teachers(rounds, t_tea, solver_tea='ipndm'):
-    """Teacher runs for every round; returns ([TeacherRound], denoiser calls and evaluations
-    (batch rows) on this rank)."""
-    data, calls, evals = [], 0, 0
-    for first, denoise, latents in rounds:
-        with torch.no_grad():
-            xs, ds, dens, count = _teacher_run(denoise, latents, t_tea, solver_tea)
-        data.append(TeacherRound(first, denoise, latents, xs, ds, dens))
-        calls += count
-        evals += count * latents.shape[0]
-    return data, calls, evals
-
-
-def _total(value):
-    """Sum of a number over all processes."""
-    return sum(dist.all_gather_object(value))
+def afs_free_step(data, t_tea, path, solver, options):
+    """Insert the teacher point between path[0] and path[1] that, with afs on, brings the student's
+    output closest to the teacher's final points (mean per-trajectory L2 distance). Returns
+    (t_steps, path, evaluations spent on this rank). No candidate: the schedule stays as it is."""
+    candidates = list(range(path[0] + 1, path[1]))
+    if not candidates:
+        return t_tea[path].clone(), path, 0
+    fn = solvers.SOLVERS[solver]
+    per_candidate, evals = [], 0
+    for m in candidates:
+        trial = t_tea[[path[0], m] + path[1:]]
+        rows = []
+        for rnd in data:
+            rec = solver_utils.Recorder(rnd.denoise)
+            with torch.no_grad():
+                x = fn(rec, rnd.latents * float(trial[0]), trial, afs=True, **options)
+            evals += rec.evals
+            x = x.reshape(x.shape[0], -1).to(torch.float64)
+            e = (x - rnd.xs[-1].reshape(x.shape[0], -1).to(torch.float64).to(x.device)).square().sum(-1).sqrt().cpu()
+            rows.extend((rnd.first + b, e[b]) for b in range(x.shape[0]))
+        per_candidate.append(dist.gather_in_order(rows).mean())
+    best = candidates[int(torch.stack(per_candidate).argmin())]
+    new_path = [path[0], best] + path[1:]
+    return t_tea[new_path].clone(), new_path, evals
 
 
-def _rmse(x, ref):
-    """Per-trajectory RMSE [B] (float64)."""
-    diff = (x.to(torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1)
-    return diff.square().mean(-1).sqrt().cpu()
-
+# ----------------------------------------------------------------------------------------------
+# 5. The search over warm-up rounds.
 
 def gits_paths(data, t_tea, wanted, metric='dev', coeff=1.15, timing=None):
-    """The paper's search: Euler-step cost matrix, averaged over all trajectories in index order,
-    then the DP. Returns {num_steps: path}."""
+    """Steps 2 and 3: the Euler-step cost matrix, averaged over all trajectories in warm-up-index
+    order, then the DP. Returns {num_steps: path} for every num_steps in `wanted`."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
     per_traj = []
     for rnd in data:
         costs = trajectory_costs(rnd.xs, rnd.ds, t_tea, metric)
         per_traj.extend((rnd.first + b, costs[b]) for b in range(costs.shape[0]))
-    cost = _gather_in_order(per_traj).mean(0)
+    cost = dist.gather_in_order(per_traj).mean(0)
     t1 = time.perf_counter()
     paths = dp_all(cost, coeff, max(wanted) - 1)
     timing['cost'] = timing.get('cost', 0.0) + t1 - t0
@@ -228,527 +227,57 @@ def gits_paths(data, t_tea, wanted, metric='dev', coeff=1.15, timing=None):
     return {n: paths[n - 1] for n in wanted}
 
 
-# ----------------------------------------------------------------------------------------------
-# 5. Solver-aware search: the DP prices the student's own update.
-#
-# A step i -> j is priced by running the student solver function itself over a short schedule
-# that ends with that step: the candidate path so far (the history), t_j, and a tail of at most
-# two teacher points down to the last one (so that schedule-wide choices, DEIS tab's VP map and
-# lower_order_final, see a schedule with the right end). The denoiser it gets is teacher-forced:
-# at every teacher point up to t_i it returns the teacher's output, in the solver's form (D for
-# data prediction, the slope for noise prediction), so the stored history is the teacher's and
-# costs no evaluation. The sub-run's own state at t_i drifts from the teacher point (the history
-# steps are inexact); every update is x_next = a x + (outputs), so that drift reaches the result
-# times a = 1 (noise prediction) or t_j / t_i (data prediction) and is subtracted exactly. The
-# step's own extra evaluations (Heun's corrector point, DPM-Solver-2's midpoint, UniPC's
-# corrector point) are real, at the drift-corrected point; calls after them (the tail) get a
-# dummy, their results are never read. So single-evaluation multistep solvers are priced with no
-# network call; Heun, DPM-Solver-2 and UniPC pay one evaluation per trajectory and edge, bounded
-# by a coarser candidate grid (`student_grid` points of the teacher grid).
-
-CORRECTOR_SOLVERS = ('unipc',)     # the step i -> j is corrected with an evaluation at t_j
-
-
-def _form(options):
-    return 'x0' if options.get('predict_x0') else 'eps'
-
-
-def _uses_history(solver):
-    """Single-evaluation solvers are multistep (or Euler); the two-evaluation ones are one-step."""
-    return solvers.SOLVER_SPECS[solver].evals_per_step == 1
-
-
-def _extra_evals(solver):
-    return solvers.SOLVER_SPECS[solver].evals_per_step - 1 + int(solver in CORRECTOR_SOLVERS)
-
-
-class _ForcedDenoiser:
-    """The teacher-forced denoiser of one priced step i -> j (see the section comment)."""
-
-    def __init__(self, rnd, grid_index, t_tea, i, j, form, extra, state_known):
-        self.rnd, self.index, self.i, self.form, self.extra = rnd, grid_index, i, form, extra
-        self.t_i = float(t_tea[i])
-        self.gamma = 1.0 if form == 'eps' else float(t_tea[j]) / self.t_i
-        self.drift = torch.zeros_like(rnd.xs[i]) if state_known else None
-        self.evals = 0
-
-    def _as_output(self, x, point, out):
-        """What the solver must be given at its state x so that it stores the output `out` of
-        the point `point`: D itself, or, for noise prediction, the value giving its slope."""
-        return out if self.form == 'x0' else x - (point - out)
-
-    def __call__(self, x, sigma):
-        s = float(sigma)
-        if self.drift is None:
-            k = self.index.get(s)
-            if k is None or s < self.t_i:
-                return x                        # not a teacher point: unused history detail
-            if s == self.t_i:
-                self.drift = x - self.rnd.xs[k]
-            return self._as_output(x, self.rnd.xs[k], self.rnd.dens[k])
-        if self.extra > 0:
-            self.extra -= 1
-            point = x - self.gamma * self.drift
-            self.evals += x.shape[0]
-            return self._as_output(x, point, self.rnd.denoise(point, sigma))
-        return x
-
-
-def _head(rnd, subset):
-    """The part of a round with global index < subset (None if empty)."""
-    take = rnd.size if subset is None else max(0, min(rnd.size, int(subset) - rnd.first))
-    if take == rnd.size:
-        return rnd
-    if take == 0:
-        return None
-    return TeacherRound(rnd.first, rnd.denoise, rnd.latents[:take], rnd.xs[:, :take], rnd.ds[:, :take],
-                        rnd.dens[:, :take])
-
-
-def candidate_grid(num_tea, points):
-    """About `points` evenly spaced indices of the teacher grid, both ends included."""
-    stride = max(1, math.ceil((num_tea - 1) / max(int(points) - 1, 1)))
-    return sorted(set(range(0, num_tea, stride)) | {num_tea - 1})
-
-
-def price_step(rnd, t_tea, path, j, solver, options, afs=False):
-    """Per-trajectory RMSE [B] of the student's step path[-1] -> j (with path as its history)
-    against the teacher point x_j, and the evaluations it spent."""
-    end = len(t_tea) - 1
-    i = path[-1]
-    head = list(path) if _uses_history(solver) else [i]
-    tail = [] if j == end else ([(j + end) // 2] if end - j > 1 else []) + [end]
-    sub = head + [j] + tail
-    sub_afs = bool(afs) and head[0] == 0
-    forced = _ForcedDenoiser(rnd, {float(t): k for k, t in enumerate(t_tea)}, t_tea, i, j, _form(options),
-                             _extra_evals(solver), state_known=sub_afs and i == 0)
-    with torch.no_grad():
-        _, inters = solvers.SOLVERS[solver](forced, rnd.xs[head[0]], t_tea[sub], afs=sub_afs,
-                                            return_inters=True, **options)
-    out = inters[len(head)] - forced.gamma * forced.drift
-    return _rmse(out, rnd.xs[j]), forced.evals
-
-
-def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, grid=21, subset=32, timing=None):
-    """Forward DP over (teacher index, steps taken) on the candidate grid; each state keeps its
-    best path, which is the history its next step is priced with. Path value = sum_k coeff^k *
-    (mean step RMSE), as in the GITS DP. Steps are priced on the warm-up trajectories with global
-    index < subset (None: all). Solvers that pay an evaluation per edge get a grid of about
-    grid / 2 points. Returns ({num_steps: path}, evaluations, all ranks)."""
-    timing = timing if timing is not None else {}
-    t0 = time.perf_counter()
-    n = len(t_tea)
-    end = n - 1
-    cand = candidate_grid(n, grid if _extra_evals(solver) == 0 else max(5, grid // 2 + 1))
-    data = [r for r in (_head(rnd, subset) for rnd in data) if r is not None]
-    layer = {0: (0.0, [0])}
-    paths, evals = {}, 0
-    for k in range(min(max_steps, len(cand) - 1)):
-        last = k == max_steps - 1
-        pairs = [(i, j) for i in sorted(layer) for j in cand if j > i and (j == end or not last)]
-        if not pairs:
-            break
-        rows = []
-        for rnd in data:
-            errs = []
-            for i, j in pairs:
-                e, spent = price_step(rnd, t_tea, layer[i][1], j, solver, options, afs)
-                errs.append(e)
-                evals += spent
-            errs = torch.stack(errs, 1)                                   # [B, pairs]
-            rows.extend((rnd.first + b, errs[b]) for b in range(errs.shape[0]))
-        cost = _gather_in_order(rows).mean(0).tolist()
-        new = {}
-        for (i, j), c in zip(pairs, cost):
-            value = layer[i][0] + coeff ** k * c
-            if j not in new or value < new[j][0]:
-                new[j] = (value, layer[i][1] + [j])
-        if end in new:
-            paths[k + 2] = new.pop(end)[1]
-        layer = new
-    timing['student'] = timing.get('student', 0.0) + time.perf_counter() - t0
-    return paths, _total(evals)
-
-
-# ----------------------------------------------------------------------------------------------
-# 6. Refinement: move the interior points (in log sigma, order kept) to minimise the student's
-# final-point RMSE against the teacher's on (a subset of) the warm-up set, within a budget of
-# denoiser evaluations. Pattern search: each interior point in turn moves a fraction of the gap
-# towards one neighbour; a move is kept only if the warm-up objective drops, so it never rises;
-# the fraction halves after a sweep with no gain. Starts from the best of the given schedules
-# (e.g. GITS DP, solver-aware DP, fixed schedules) on the same objective.
-
-FIXED_SCHEDULES = (('polynomial', 7.0), ('logsnr', 1.0), ('time_uniform', 2.0))
-
-
-def warmup_errors(data, t_steps, solver, options, afs=False, lo=0, hi=None):
-    """Per-trajectory RMSE (all processes, in index order) of the student's final point against
-    the teacher's, over the warm-up trajectories with global index in [lo, hi); and the
-    evaluations spent on this rank."""
-    rows, evals = [], 0
-    fn = solvers.SOLVERS[solver]
-    for rnd in data:
-        a = max(0, lo - rnd.first)
-        b = rnd.size if hi is None else max(a, min(rnd.size, hi - rnd.first))
-        if b <= a:
-            continue
-        counter = _Counter(rnd.denoise)
-        with torch.no_grad():
-            x = fn(counter, rnd.latents[a:b] * float(t_steps[0]), t_steps, afs=afs, **options)
-        evals += counter.evals
-        e = _rmse(x, rnd.xs[-1, a:b])
-        rows.extend((rnd.first + a + m, e[m]) for m in range(b - a))
-    return _gather_in_order(rows), evals
-
-
-def warmup_objective(data, t_steps, solver, options, afs=False, subset=None):
-    """Mean per-trajectory RMSE of the student's final point against the teacher's over the
-    warm-up trajectories with global index < subset (all: None). Returns (value, evaluations
-    on this rank)."""
-    errors, evals = warmup_errors(data, t_steps, solver, options, afs, 0, subset)
-    return float(errors.mean()), evals
-
-
-class _Counter:
-    """Counts denoiser evaluations (batch rows)."""
-
-    def __init__(self, denoise):
-        self.denoise, self.evals = denoise, 0
-
-    def __call__(self, x, sigma):
-        self.evals += x.shape[0]
-        return self.denoise(x, sigma)
-
-
-def _move(t_steps, k, frac):
-    """Point k moved by `frac` of the log-sigma gap to its upper (frac > 0) or lower neighbour."""
-    u = t_steps.log()
-    gap = (u[k - 1] - u[k]) if frac > 0 else (u[k] - u[k + 1])
-    u = u.clone()
-    u[k] = u[k] + frac * gap
-    out = u.exp()
-    out[0], out[-1] = t_steps[0], t_steps[-1]
-    return out
-
-
-def refine_schedule(data, inits, solver, options, afs=False, budget=None, subset=None, min_frac=1 / 64,
-                    timing=None):
-    """Refine the best of `inits` ({name: t_steps}, equal lengths). The starts are compared on
-    the whole warm-up set. The pattern search runs on its first `subset` trajectories (global
-    index); the others validate: the result is kept only if it also beats the start on them by more
-    than one paired standard error, so neither part's objective, nor the whole warm-up objective,
-    ever rises. `budget`: the most
-    denoiser evaluations to spend, all processes and stages together (None: no limit). Returns
-    (t_steps, info)."""
-    timing = timing if timing is not None else {}
-    t0 = time.perf_counter()
-    total = _total(sum(r.size for r in data))
-    used = total if subset is None else max(1, min(int(subset), total))
-    held = total - used
-    nfe = solvers.count_nfe(solver, len(next(iter(inits.values()))), afs)
-    spent, trace = 0, []
-
-    def errors(ts, lo, hi):
-        nonlocal spent
-        e, evals = warmup_errors(data, ts, solver, options, afs, lo, hi)
-        spent += _total(evals)
-        return e
-
-    def affordable(n):
-        return budget is None or spent + nfe * n <= budget
-
-    starts, start, start_err = {}, None, None
-    for name, ts in inits.items():
-        if not affordable(total):
-            break
-        e = errors(ts, 0, total)
-        starts[name] = float(e.mean())
-        if start is None or starts[name] < starts[start]:
-            start, start_err = name, e
-    if start is None:
-        raise ValueError('--refine_budget: too small to evaluate even one starting schedule')
-    best_ts = start_ts = inits[start].clone()
-    best = float(start_err[:used].mean())
-    trace.append(best)
-    frac, direction = 0.5, {}
-    while frac >= min_frac and len(best_ts) > 2 and affordable(used + held):
-        gained = False
-        for k in range(1, len(best_ts) - 1):
-            for sign in (direction.get(k, 1), -direction.get(k, 1)):
-                if not affordable(used + held):
-                    break
-                trial = _move(best_ts, k, sign * frac)
-                if not bool((trial[1:] < trial[:-1]).all()):
-                    continue
-                value = float(errors(trial, 0, used).mean())
-                if value < best:
-                    best, best_ts, gained = value, trial, True
-                    direction[k] = sign
-                    trace.append(best)
-                    break
-        if not gained:
-            frac /= 2
-    final = starts[start]
-    if best_ts is not start_ts:
-        if held:
-            # Keep the search's result only if its gain carries over to the validation
-            # trajectories by more than one standard error of the paired per-trajectory
-            # difference: a gain within noise is more likely overfitting than improvement.
-            check_err = errors(best_ts, used, total)
-            diff = (check_err - start_err[used:]).to(torch.float64)
-            margin = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
-            if float(diff.mean()) + margin < 0:
-                final = (best * used + float(check_err.mean()) * held) / total
-            else:                          # the gain does not carry over: keep the start
-                best_ts = start_ts
-        else:
-            final = best
-    timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
-    info = dict(start=start, start_objectives=starts, objective=final, trace=trace, evals=spent,
-                budget=budget, subset=used, moved=best_ts is not start_ts)
-    return best_ts, info
-
-
-def refine_subset(budget, nfe, total, num_inits=5, target_evals=40, minimum=8):
-    """Warm-up trajectories for the pattern search: what the budget leaves after the starts and
-    the validation, spread over about `target_evals` objective evaluations (at least `minimum`,
-    at most half of them: the rest validate)."""
-    left = budget - (num_inits + 1) * nfe * total
-    return int(min(max(1, total // 2), max(minimum, left // (target_evals * max(nfe, 1)))))
-
-
-# ----------------------------------------------------------------------------------------------
-# 7. The whole search over warm-up rounds.
-
-def _gather_in_order(index_rows):
-    """index_rows: list of (global_index, tensor) from this rank. Returns the tensors of all ranks
-    stacked in global-index order (so reductions do not depend on the split)."""
-    rows = [r for part in dist.all_gather_object([(i, t.cpu()) for i, t in index_rows]) for r in part]
-    rows.sort(key=lambda r: r[0])
-    return torch.stack([t for _, t in rows])
-
-
-SEARCH_MODES = ('gits', 'student')
+def teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted):
+    """The teacher's time points: `num_steps_tea` points of the student's schedule type."""
+    if max(wanted) > num_steps_tea:
+        raise ValueError(f'--num_steps_tea: {num_steps_tea} is smaller than --num_steps {max(wanted)}')
+    return solver_utils.get_schedule(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model=model)
 
 
 def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
                   solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False, solver=None,
-                  model=None, all_num_steps=None, search='gits', refine=False, refine_budget=4.0,
-                  student_grid=21, **options):
-    """The search over warm-up `rounds`: a list of (first_index, denoise, latents) with latents
-    standard normal; first_index numbers the round's trajectories globally (for order-exact
-    reduction across processes). search='gits': the paper's Euler-step cost matrix and DP (with
-    afs, plus its free step); 'student': the solver-aware DP (with afs, the first step's afs is
-    priced, and the path has one more step at the same NFE). refine: then refine the best of
-    GITS, solver-aware and fixed schedules on the warm-up set with at most refine_budget times
-    the teacher's evaluations. Returns ({num_steps: t_steps}, info)."""
-    if search not in SEARCH_MODES:
-        raise ValueError(f'--search: unknown mode "{search}"; choose one of {", ".join(SEARCH_MODES)}')
-    t_tea = solver_utils.get_schedule(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model=model)
+                  model=None, all_num_steps=None, **options):
+    """The paper's search over warm-up `rounds`: a list of (first_index, denoise, latents) with
+    latents standard normal; first_index numbers the round's trajectories globally (for
+    order-exact reduction across processes). `solver` and `options` are the student's (they
+    matter for afs's free step). Returns ({num_steps: t_steps} for num_steps and every
+    all_num_steps, info)."""
     wanted = sorted(set(all_num_steps or [num_steps]))
-    if max(wanted) > num_steps_tea:
-        raise ValueError(f'--num_steps_tea: {num_steps_tea} is smaller than --num_steps {max(wanted)}')
+    t_tea = teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted)
     solver = solver or 'ipndm'
     options = solvers.resolve_options(solver, options)
-    timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0, student=0.0, refine=0.0)
+    timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0)
     t0 = time.perf_counter()
     data, teacher_calls, teacher_evals = run_teachers(rounds, t_tea, solver_tea)
     timing['teacher'] = time.perf_counter() - t0
-    total_teacher = _total(teacher_evals)
-    extra = int(bool(afs))        # with afs every search returns one more point at the same NFE
-    need_gits = search == 'gits' or refine
-    need_student = search == 'student' or refine
-    gits = gits_paths(data, t_tea, wanted, metric, coeff, timing) if need_gits else {}
-    student, student_evals = ({}, 0)
-    if need_student:
-        student, student_evals = student_dp(data, t_tea, max(wanted) - 1 + extra, solver, options, afs, coeff,
-                                            grid=student_grid, timing=timing)
-    schedules, chosen, refined = {}, {}, {}
-    for n in wanted:
-        found = {}
-        if n in gits:
-            path = gits[n]
-            if afs:
-                t1 = time.perf_counter()
-                _, path = _afs_free_step(data, t_tea, path, solver, options)
-                timing['afs'] += time.perf_counter() - t1
-            found['gits'] = path
-        if n + extra in student:
-            found['student'] = student[n + extra]
-        mode_path = found.get(search)
-        t_steps = t_tea[mode_path].clone() if mode_path is not None else None
-        if refine:
-            inits = {name: t_tea[p].clone() for name, p in found.items() if len(p) == n + extra}
-            for kind, rho in FIXED_SCHEDULES:
-                inits[kind] = solver_utils.get_schedule(n + extra, float(t_tea[-1]), float(t_tea[0]), kind, rho)
-            budget = int(refine_budget * total_teacher)
-            nfe = solvers.count_nfe(solver, n + extra, afs)
-            subset = refine_subset(budget, nfe, _total(sum(r.size for r in data)), len(inits))
-            t_steps, refined[str(n)] = refine_schedule(data, inits, solver, options, afs, budget, subset,
-                                                       timing=timing)
-        if t_steps is None:
-            raise ValueError(f'--num_steps: no {search} schedule of {n} points on this teacher grid')
+    paths = gits_paths(data, t_tea, wanted, metric, coeff, timing)
+    schedules, afs_evals = {}, 0
+    for n, path in paths.items():
+        t_steps = t_tea[path].clone()
+        if afs:
+            t1 = time.perf_counter()
+            t_steps, paths[n], evals = afs_free_step(data, t_tea, path, solver, options)
+            afs_evals += evals
+            timing['afs'] += time.perf_counter() - t1
         schedules[n] = t_steps
-        chosen[n] = found
-    info = dict(teacher_grid=[float(t) for t in t_tea],
-                indices={str(k): v.get(search) for k, v in chosen.items()},
-                paths={str(k): v for k, v in chosen.items()},
-                num_warmup=int(_total(sum(r.size for r in data))), teacher_evals_this_rank=teacher_calls,
-                evals=dict(teacher=total_teacher, student=student_evals,
-                           refine=sum(r['evals'] for r in refined.values())),
-                refined=refined, search=search, refine=bool(refine), metric=metric, coeff=coeff,
-                solver_tea=solver_tea, num_steps_tea=num_steps_tea, seconds=timing)
+    info = dict(teacher_grid=[float(t) for t in t_tea], indices={str(n): p for n, p in paths.items()},
+                num_warmup=int(dist.sum_over_ranks(sum(r.size for r in data))), teacher_evals_this_rank=teacher_calls,
+                evals=dict(teacher=dist.sum_over_ranks(teacher_evals), afs=dist.sum_over_ranks(afs_evals)),
+                search='gits', refine=False, metric=metric, coeff=coeff, solver_tea=solver_tea,
+                num_steps_tea=num_steps_tea, seconds=timing)
     return schedules, info
 
 
-def _afs_free_step(data, t_tea, path, solver, options):
-    """Insert the teacher point between path[0] and path[1] that, with afs on, brings the student's
-    output closest to the teacher's final points. No candidate: the schedule stays as it is."""
-    candidates = list(range(path[0] + 1, path[1]))
-    if not candidates:
-        return t_tea[path].clone(), path
-    fn = solvers.SOLVERS[solver]
-    per_candidate = []
-    for m in candidates:
-        trial = t_tea[[path[0], m] + path[1:]]
-        rows = []
-        for rnd in data:
-            with torch.no_grad():
-                x = fn(rnd.denoise, rnd.latents * float(trial[0]), trial, afs=True, **options)
-            x = x.reshape(x.shape[0], -1).to(torch.float64)
-            e = (x - rnd.xs[-1].reshape(x.shape[0], -1).to(torch.float64).to(x.device)).square().sum(-1).sqrt().cpu()
-            rows.extend((rnd.first + b, e[b]) for b in range(x.shape[0]))
-        per_candidate.append(_gather_in_order(rows).mean())
-    best = candidates[int(torch.stack(per_candidate).argmin())]
-    new_path = [path[0], best] + path[1:]
-    return t_tea[new_path].clone(), new_path
-
-
-def search_schedule(denoise, latents, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial',
-                    schedule_rho=7.0, solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15,
-                    afs=False, solver=None, model=None, batch_size=None, **options):
-    """The searched t_steps (float64) for `denoise` on the warm-up noise `latents` (standard
-    normal, one process). `batch_size` splits the warm-up set into rounds. Also takes
-    search=, refine=, refine_budget=, student_grid= (see search_rounds)."""
+def warmup_split(denoise, latents, batch_size=None):
+    """One process's warm-up noise as rounds of at most `batch_size` trajectories."""
     bs = batch_size or latents.shape[0]
-    rounds = [(i, denoise, latents[i:i + bs]) for i in range(0, latents.shape[0], bs)]
-    schedules, _ = search_rounds(rounds, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-                                 schedule_type=schedule_type, schedule_rho=schedule_rho, solver_tea=solver_tea,
-                                 num_steps_tea=num_steps_tea, metric=metric, coeff=coeff, afs=afs,
-                                 solver=solver, model=model, **options)
+    return [(i, denoise, latents[i:i + bs]) for i in range(0, latents.shape[0], bs)]
+
+
+def search_schedule(denoise, latents, *, num_steps, batch_size=None, **kw):
+    """The searched t_steps (float64) for `denoise` on the warm-up noise `latents` (standard
+    normal, one process); `batch_size` splits the warm-up set into rounds. Keywords as
+    search_rounds: sigma_min, sigma_max, schedule_type, schedule_rho, solver_tea, num_steps_tea,
+    metric, coeff, afs, solver, model, and the student's solver options."""
+    schedules, _ = search_rounds(warmup_split(denoise, latents, batch_size), num_steps=num_steps, **kw)
     return schedules[num_steps]
-
-
-# ----------------------------------------------------------------------------------------------
-# sample.py integration.
-
-def validate_options(opts):
-    """Checks of the GITS flags that need no model; UserError with one line naming the flag."""
-    for flag in ('search', 'refine', 'refine_budget'):
-        if not opts.dp and opts.get(flag) not in (None, False):
-            raise UserError(f'--{flag}: needs --dp=True (it changes how the schedule is searched)')
-    if opts.coeff is None or not opts.coeff > 0:
-        raise UserError(f'--coeff: must be positive (got {opts.coeff})')
-    if opts.num_warmup is None or opts.num_warmup < 1:
-        raise UserError(f'--num_warmup: must be at least 1 (got {opts.num_warmup})')
-    if opts.num_steps_tea < opts.num_steps:
-        raise UserError(f'--num_steps_tea: must be at least --num_steps ({opts.num_steps}); got {opts.num_steps_tea}')
-    if opts.metric not in METRICS:
-        raise UserError(f'--metric: must be one of {", ".join(METRICS)}')
-    if opts.get('search') is not None and opts.search not in SEARCH_MODES:
-        raise UserError(f'--search: must be one of {", ".join(SEARCH_MODES)} (got "{opts.search}")')
-    budget = opts.get('refine_budget')
-    if budget is not None and not (math.isfinite(budget) and budget > 0):
-        raise UserError(f'--refine_budget: must be a positive multiple of the teacher\'s evaluations (got {budget})')
-    warm = range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup)
-    if any(s in warm for s in opts.seed_list):
-        raise UserError(f'--warmup_seed: warm-up seeds {warm.start}-{warm.stop - 1} overlap --seeds; '
-                        'pick a --warmup_seed outside the sampled seeds')
-    opts.save_num_steps_list = [opts.num_steps]
-    if opts.save_num_steps:
-        try:
-            opts.save_num_steps_list = misc.parse_int_list(opts.save_num_steps)
-        except ValueError as e:
-            raise UserError(f'--save_num_steps: {e}') from None
-        if min(opts.save_num_steps_list) < 2 or max(opts.save_num_steps_list) > opts.num_steps_tea:
-            raise UserError(f'--save_num_steps: values must lie in 2..--num_steps_tea ({opts.num_steps_tea})')
-
-
-def warmup_rounds(model, opts, device):
-    """This rank's warm-up rounds: seeds warmup_seed + i, split across ranks like sampling."""
-    from sample import draw_seed_inputs, split_batches
-    seeds = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
-    rank, world = dist.get_rank(), dist.get_world_size()
-    rounds = []
-    for batch in split_batches(seeds, opts.batch, world)[rank::world]:
-        if not batch:
-            continue
-        noise, labels = draw_seed_inputs(batch, model.shape, model.label_dim)
-        if labels is not None and opts.class_idx is not None:
-            labels[:] = opts.class_idx
-        # Warm-up seeds are never sampled: a model whose conditioning is tied to the sampled seeds
-        # (SD's prompt file: prompt i for seed i) draws it another way for them.
-        conditioning = getattr(model, 'warmup_conditioning', model.conditioning)
-        denoise = model.bind(**conditioning(batch, labels))
-        rounds.append((batch[0] - opts.warmup_seed, denoise, noise.to(device=device, dtype=torch.float32)))
-    return rounds
-
-
-def search_for_sampling(model, opts, sigma_min, sigma_max, device):
-    """Run the search for sample.py; with --save_schedules, write every requested num_steps."""
-    all_steps = opts.save_num_steps_list if opts.save_schedules else [opts.num_steps]
-    try:
-        schedules, info = search_rounds(
-            warmup_rounds(model, opts, device), num_steps=opts.num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-            schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
-            num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
-            solver=opts.solver, model=model, all_num_steps=all_steps, search=opts.get('search') or 'gits',
-            refine=bool(opts.get('refine')), refine_budget=opts.get('refine_budget') or 4.0,
-            **opts.solver_options)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    dist.print0('GITS search: {teacher:.2f}s teacher, {cost:.2f}s cost matrix, {dp:.3f}s DP, {afs:.2f}s afs, '
-                '{student:.2f}s solver-aware DP, {refine:.2f}s refinement'.format(**info['seconds']))
-    if info['search'] == 'student' or info['refine']:
-        dist.print0('Search evaluations: {teacher} teacher, {student} solver-aware DP, {refine} refinement'.format(**info['evals']))
-    if opts.save_schedules:
-        if dist.get_rank() == 0:
-            save_schedules(opts.save_schedules, schedules, opts, info)
-        info['saved_num_steps'] = sorted(schedules)
-        dist.barrier()
-    return schedules[opts.num_steps] if opts.num_steps in schedules else None, info
-
-
-def save_schedules(path, schedules, opts, info):
-    record = dict(
-        format='gits-schedules-v1', dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs),
-        schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, metric=opts.metric, coeff=opts.coeff,
-        solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, num_warmup=opts.num_warmup,
-        warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
-        schedules={str(n): [float(t) for t in ts] for n, ts in sorted(schedules.items())},
-        t_steps_text={str(n): solver_utils.format_t_steps(ts) for n, ts in sorted(schedules.items())},
-        seconds=info['seconds'])
-    try:
-        misc.atomic_write_json(path, record)
-    except OSError as e:
-        raise UserError(f'--save_schedules: cannot write "{path}": {e.strerror}') from None
-
-
-def schedule_from_file(path, opts):
-    """The schedule for opts.num_steps from a --save_schedules file."""
-    try:
-        with open(path) as f:
-            record = json.load(f)
-        table = record['schedules']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f'--schedule_file: cannot read a schedule file from "{path}" ({e})') from None
-    key = str(opts.num_steps)
-    if key not in table:
-        raise UserError(f'--num_steps: {path} holds schedules for num_steps {", ".join(sorted(table, key=int))}')
-    if bool(record.get('afs', False)) != bool(opts.afs):
-        raise UserError(f'--afs: {path} was searched with afs={record.get("afs")}; pass the same --afs')
-    try:
-        values = solver_utils.check_t_steps(table[key])
-    except ValueError as e:
-        raise UserError(f'--schedule_file: {e}') from None
-    return torch.tensor(values, dtype=torch.float64)

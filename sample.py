@@ -18,16 +18,17 @@ import torch
 from PIL import Image
 
 import dnnlib
+import gits
 import models
+import run_schedule
 import solver_utils
 import solvers
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import misc
+from torch_utils.seeds import seed_batch, split_batches
 
-GITS_METRICS = ('dev', 'l1', 'l2')
-SOLVER_NAMES = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'unipc')
-GUIDANCE_TYPES = ('cg', 'cfg', 'uncond')
+SOLVER_NAMES = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'unipc')   # in the order of --help
 BOOL = click.BOOL
 
 
@@ -86,18 +87,6 @@ def image_path(outdir, seed, subdirs, ext='.png'):
 # ----------------------------------------------------------------------------------------------
 # Validation helpers: each raises UserError with one line that names the flag.
 
-def check_writable_dir(path, flag='--outdir'):
-    path = os.path.abspath(path)
-    probe = path
-    while not os.path.exists(probe):
-        parent = os.path.dirname(probe)
-        if parent == probe:
-            break
-        probe = parent
-    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f'{flag}: cannot create or write "{path}" ("{probe}" is not a writable folder)')
-
-
 def parse_seeds(text):
     try:
         return misc.parse_int_list(text)
@@ -105,46 +94,7 @@ def parse_seeds(text):
         raise UserError(f'--seeds: {e}; expected e.g. 0-63,100,200-299') from None
 
 
-def draw_seed_inputs(seeds, shape, label_dim):
-    """Per-seed noise [B, *shape] and class indices [B] (None for unconditional models), each row
-    from the seed's own CPU generator: noise first, then the label, as EDM's generate.py does."""
-    noise, labels = [], []
-    for s in seeds:
-        g = misc.seed_generator(s)
-        noise.append(torch.randn(list(shape), generator=g, dtype=torch.float64))
-        if label_dim:
-            labels.append(torch.randint(label_dim, [1], generator=g))
-    return torch.stack(noise), (torch.cat(labels) if label_dim else None)
-
-
-def split_batches(seeds, batch, world_size):
-    """EDM's split: batches of at most `batch` seeds in total over all ranks, a multiple of
-    world_size of them; rank r takes batches r, r + world, ..."""
-    num_batches = max(1, math.ceil(len(seeds) / batch)) * world_size
-    return [b.tolist() for b in np.array_split(np.array(seeds, dtype=np.int64), num_batches)]
-
-
 # ----------------------------------------------------------------------------------------------
-
-def build_schedule(opts, model, device):
-    """The t_steps of this run: explicit, from a saved schedule file, searched by GITS, or named."""
-    sigma_min = opts.sigma_min if opts.sigma_min is not None else model.sigma_min
-    sigma_max = opts.sigma_max if opts.sigma_max is not None else model.sigma_max
-    if opts.t_steps is not None:
-        return torch.tensor(opts.t_steps_list, dtype=torch.float64), None
-    if opts.schedule_file is not None:
-        import gits
-        return gits.schedule_from_file(opts.schedule_file, opts), None
-    if opts.dp:
-        import gits
-        return gits.search_for_sampling(model, opts, sigma_min, sigma_max, device)
-    try:
-        t = solver_utils.get_schedule(opts.num_steps, sigma_min, sigma_max, opts.schedule_type,
-                                      opts.schedule_rho, model=model)
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    return t, None
-
 
 def validate(opts):
     """All checks that need no model; raises UserError. Fills derived fields into `opts`."""
@@ -170,14 +120,13 @@ def validate(opts):
     except ValueError as e:
         raise UserError(str(e)) from None
     if opts.dp or opts.save_schedules or opts.search or opts.refine or opts.refine_budget is not None:
-        import gits
-        gits.validate_options(opts)
+        run_schedule.validate_options(opts)
     if opts.sigma_min is not None and opts.sigma_min <= 0:
         raise UserError(f'--sigma_min: must be positive (got {opts.sigma_min})')
     if opts.sigma_max is not None and opts.sigma_min is not None and opts.sigma_max <= opts.sigma_min:
         raise UserError('--sigma_max: must be larger than --sigma_min')
     if opts.outdir is not None:
-        check_writable_dir(opts.outdir)
+        dnnlib.util.check_writable_dir(opts.outdir)
 
 
 def model_kwargs(opts):
@@ -197,14 +146,14 @@ def run(opts):
     if hasattr(model, 'check_seeds'):     # e.g. SD with --prompt_file: every seed needs its prompt line
         model.check_seeds(opts.seed_list)
 
-    t_steps, search_info = build_schedule(opts, model, device)
+    t_steps, search_info = run_schedule.build_schedule(opts, model, device)
     if opts.save_schedules:
         dist.print0(f'Saved GITS schedules for num_steps {search_info["saved_num_steps"]} to {opts.save_schedules}')
         return
     afs = bool(opts.afs)
     nfe = solvers.count_nfe(opts.solver, len(t_steps), afs=afs, denoise_to_zero=opts.denoise_to_zero)
     outdir = opts.outdir or os.path.join('samples', opts.dataset_name, f'{opts.solver}_nfe{nfe}')
-    check_writable_dir(outdir)
+    dnnlib.util.check_writable_dir(outdir)
     t_text = solver_utils.format_t_steps(t_steps)
     dist.print0(f'Schedule ({len(t_steps)} points, {opts.solver}, NFE={nfe}): --t_steps={t_text}')
     if getattr(model, 'guidance_passes', 1) > 1:
@@ -235,11 +184,8 @@ def run(opts):
         for batch_seeds in tqdm(batches, unit='batch', disable=(rank != 0), file=sys.stdout):
             if not batch_seeds:
                 continue
-            noise, labels = draw_seed_inputs(batch_seeds, model.shape, model.label_dim)
-            if labels is not None and opts.class_idx is not None:
-                labels[:] = opts.class_idx
-            denoise = model.bind(**model.conditioning(batch_seeds, labels))
-            x = noise.to(device=device, dtype=torch.float32) * float(t_steps[0])
+            noise, denoise = seed_batch(model, batch_seeds, device, class_idx=opts.class_idx)
+            x = noise * float(t_steps[0])
             with torch.no_grad():
                 x = sample_fn(denoise, x, t_steps, afs=afs, denoise_to_zero=opts.denoise_to_zero,
                               **opts.solver_options)
@@ -297,13 +243,13 @@ def run(opts):
 @click.option('--variant', type=str, default=None, help='unipc: bh1 or bh2 [default: bh2]')
 @click.option('--deis_mode', type=str, default=None, help='deis: tab or rhoab [default: tab]')
 # Guidance options.
-@click.option('--guidance_type', type=click.Choice(list(GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond')
+@click.option('--guidance_type', type=click.Choice(list(models.GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond')
 @click.option('--guidance_rate', type=float, default=None, help='Guidance scale')
 @click.option('--prompt', type=str, default=None, help='Prompt for Stable Diffusion')
 @click.option('--prompt_file', type=str, default=None, help='Prompts, one a line or MS-COCO captions JSON; prompt i for seed i')
 # GITS options.
 @click.option('--dp', type=BOOL, default=False, help='Search the schedule with GITS dynamic programming')
-@click.option('--metric', type=click.Choice(list(GITS_METRICS)), default='dev', help='GITS cost metric')
+@click.option('--metric', type=click.Choice(list(gits.METRICS)), default='dev', help='GITS cost metric')
 @click.option('--coeff', type=float, default=1.15, help='GITS DP coefficient (> 0)')
 @click.option('--num_warmup', type=int, default=256, help='GITS warm-up trajectories')
 @click.option('--solver_tea', type=click.Choice(list(SOLVER_NAMES)), default='ipndm', help='GITS teacher solver')

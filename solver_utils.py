@@ -389,6 +389,33 @@ def unipc_table(ts, max_order, form='x0', variant='bh2', lower_order_final=True)
 # ----------------------------------------------------------------------------------------------
 # Pieces every solver shares.
 
+class Recorder:
+    """A denoiser that counts its calls and evaluations (batch rows) and, with keep=True,
+    remembers every call by noise level: callers that inspect a run (the GITS teacher,
+    trajectory.py) look up the solver's own evaluations at its grid points instead of paying for
+    new ones, and budgets (the refinement's) count what was spent."""
+
+    def __init__(self, denoise, keep=False):
+        self.denoise, self.keep = denoise, keep
+        self.calls, self.evals, self.kept = 0, 0, {}
+
+    def __call__(self, x, sigma):
+        out = self.denoise(x, sigma)
+        self.calls += 1
+        self.evals += x.shape[0]
+        if self.keep:
+            self.kept.setdefault(float(sigma), []).append((x, out))
+        return out
+
+    def lookup(self, x, sigma):
+        """The output of an earlier call at exactly (x, sigma), or None."""
+        for seen, out in self.kept.get(float(sigma), []):
+            if seen.shape == x.shape and torch.equal(seen, x):
+                return out
+        return None
+
+
+
 def afs_slope(x, t):
     """Analytical first step: at the largest noise level D(x; t) is close to the data mean (~0),
     so the slope (x - D) / t is approximated by x / sqrt(1 + t^2) without a network call."""

@@ -24,12 +24,13 @@ import numpy as np
 import torch
 
 import dnnlib
+import gits
 import models
-import sample
 import solver_utils
 import solvers
 from dnnlib.util import UserError
 from torch_utils import misc
+from torch_utils.seeds import seed_batch
 
 BOOL = click.BOOL
 
@@ -37,30 +38,10 @@ BOOL = click.BOOL
 # ----------------------------------------------------------------------------------------------
 # Recording.
 
-class _Recorder:
-    """Wraps a denoiser and keeps every call by noise level, so the solver's own evaluations at
-    its grid points give D(x_i; t_i) without spending extra network calls."""
-
-    def __init__(self, denoise):
-        self.denoise = denoise
-        self.calls = {}
-
-    def __call__(self, x, sigma):
-        out = self.denoise(x, sigma)
-        self.calls.setdefault(float(sigma), []).append((x, out))
-        return out
-
-    def lookup(self, x, sigma):
-        for x_seen, out in self.calls.get(float(sigma), []):
-            if x_seen.shape == x.shape and torch.equal(x_seen, x):
-                return out
-        return None
-
-
 def record_trajectories(denoise, noise, t_steps, solver='ipndm', **options):
     """Sampling trajectory xs [N, B, ...] from x = noise * t_steps[0], and the denoising
     trajectory dens [N, B, ...] with dens[i] = D(xs[i]; t_steps[i]). Both float64 on the CPU."""
-    rec = _Recorder(denoise)
+    rec = solver_utils.Recorder(denoise, keep=True)
     x0 = noise * float(t_steps[0])
     with torch.no_grad():
         _, xs = solvers.SOLVERS[solver](rec, x0, t_steps, return_inters=True, **options)
@@ -233,15 +214,6 @@ def load_model(opts):
     return model, device
 
 
-def seed_inputs(model, seeds, device, warmup=False):
-    """Noise and bound denoiser for `seeds`, drawn exactly as sample.py draws them (GITS warm-up
-    seeds take the model's warm-up conditioning, e.g. prompts not tied to a prompt file)."""
-    noise, labels = sample.draw_seed_inputs(seeds, model.shape, model.label_dim)
-    conditioning = getattr(model, 'warmup_conditioning', model.conditioning) if warmup else model.conditioning
-    denoise = model.bind(**conditioning(seeds, labels))
-    return noise.to(device=device, dtype=torch.float32), denoise
-
-
 def solver_options(opts, solver):
     if solver not in solvers.SOLVERS:
         raise UserError(f'--solver: "{solver}" is not available; choose one of {", ".join(solvers.SOLVERS)}')
@@ -253,7 +225,7 @@ def solver_options(opts, solver):
 
 def outdir_for(opts):
     outdir = opts.outdir or os.path.join('trajectories', opts.dataset_name)
-    sample.check_writable_dir(outdir)
+    dnnlib.util.check_writable_dir(outdir)
     os.makedirs(outdir, exist_ok=True)
     return outdir
 
@@ -264,7 +236,7 @@ def model_options(fn):
         click.option('--model_path', type=str, default=None, help='Local file or URL instead of the default download'),
         click.option('--device', type=str, default=None, help='torch device [default: cuda if available, else cpu]'),
         click.option('--use_fp16', type=BOOL, default=None, help='Half precision where supported [default: on for CUDA]'),
-        click.option('--guidance_type', type=click.Choice(list(sample.GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond'),
+        click.option('--guidance_type', type=click.Choice(list(models.GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond'),
         click.option('--guidance_rate', type=float, default=None, help='Guidance scale'),
         click.option('--prompt', type=str, default=None, help='Prompt for Stable Diffusion'),
         click.option('--outdir', type=str, default=None, help='Output folder [default: ./trajectories/<dataset_name>]'),
@@ -285,7 +257,7 @@ def main():
 @model_options
 @click.option('--seeds', type=str, default='0-15', help='Trajectories to record, e.g. 0-15')
 @click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch')
-@click.option('--solver', type=click.Choice(list(sample.SOLVER_NAMES)), default='ipndm', help='Solver that traces the trajectory')
+@click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectory')
 @click.option('--num_steps', type=click.IntRange(min=3), default=61, help='Points on each trajectory')
 @click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
 @click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
@@ -314,7 +286,7 @@ def analyze(**kwargs):
 
     xs, dens = [], []
     for i in range(0, len(seeds), opts.batch):
-        noise, denoise = seed_inputs(model, seeds[i:i + opts.batch], device)
+        noise, denoise = seed_batch(model, seeds[i:i + opts.batch], device)
         x, d = record_trajectories(denoise, noise, t_steps, opts.solver, **options)
         xs.append(x.flatten(2))
         dens.append(d.flatten(2))
@@ -340,7 +312,7 @@ def analyze(**kwargs):
 def schedule_errors(model, table, solver, options, seeds, device, afs=False):
     """RMSE of `solver` on each schedule of `table` against the analytic model's exact ODE
     solution (all schedules share their end points, so one exact solve serves them all)."""
-    noise, denoise = seed_inputs(model, seeds, device)
+    noise, denoise = seed_batch(model, seeds, device)
     first = next(iter(table.values()))
     x0 = noise * float(first[0])
     with torch.no_grad():
@@ -356,12 +328,12 @@ def schedule_errors(model, table, solver, options, seeds, device, afs=False):
 
 @main.command()
 @model_options
-@click.option('--solver', type=click.Choice(list(sample.SOLVER_NAMES)), default='ipndm', help='Student solver')
+@click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Student solver')
 @click.option('--num_steps', type=click.IntRange(min=2), default=7, help='Number of time points')
 @click.option('--schedule_rho', type=float, default=7.0, help='Exponent of polynomial (rho) and GITS base schedule')
 @click.option('--afs', type=BOOL, default=False, help='GITS with afs (a free extra step)')
 @click.option('--num_warmup', type=click.IntRange(min=1), default=256, help='GITS warm-up trajectories')
-@click.option('--solver_tea', type=click.Choice(list(sample.SOLVER_NAMES)), default='ipndm', help='GITS teacher solver')
+@click.option('--solver_tea', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='GITS teacher solver')
 @click.option('--num_steps_tea', type=click.IntRange(min=3), default=61, help='GITS teacher time points')
 @click.option('--coeff', type=float, default=1.15, help='GITS DP coefficient')
 @click.option('--metric', type=click.Choice(['dev', 'l1', 'l2']), default='dev', help='GITS cost metric')
@@ -369,7 +341,6 @@ def schedule_errors(model, table, solver, options, seeds, device, afs=False):
 @click.option('--error_seeds', type=str, default=None, help='Analytic models: seeds on which to measure each schedule\'s error, e.g. 0-15')
 def schedules(**kwargs):
     """Compare polynomial, logsnr, time_uniform and GITS schedules for one model and NFE."""
-    import gits
     opts = dnnlib.EasyDict(kwargs)
     options = solver_options(opts, opts.solver)
     solver_options(opts, opts.solver_tea)
@@ -396,7 +367,7 @@ def schedules(**kwargs):
              'time_uniform': solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
                                                        'time_uniform', 1.0)}
     warm = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
-    noise, denoise = seed_inputs(model, warm, device, warmup=True)
+    noise, denoise = seed_batch(model, warm, device, warmup=True)
     try:
         table['gits'] = gits.search_schedule(
             denoise, noise, num_steps=opts.num_steps, sigma_min=model.sigma_min, sigma_max=model.sigma_max,

@@ -10,8 +10,8 @@ held-out seeds, mean and standard error over seeds, of
 - baseline: the seed README's schedule for the solver (ipndm*, euler, heun, dpm: polynomial;
             dpmpp, unipc: logsnr; deis: time_uniform rho 2);
 - gits:     the paper's search (Euler-step 'dev' cost, DP with coeff 1.15; with afs its free step);
-- student:  the solver-aware DP (gits.student_dp);
-- refined:  gits.refine_schedule started from the best of gits/student/fixed on the warm-up set.
+- student:  the solver-aware DP (student_search.student_dp);
+- refined:  student_search.refine_schedule started from the best of gits/student/fixed on the warm-up set.
 Warm-up seeds (from --warmup_seed) and evaluation seeds (from --eval_seed) are disjoint. The
 teacher run (and GITS's cost matrix) is shared by all solvers. NFE = count_nfe: one-evaluation
 solvers take NFE steps; Heun and DPM-Solver-2 take NFE/2 steps, or at odd NFE (NFE+1)/2 steps with
@@ -34,18 +34,19 @@ import gits                        # noqa: E402
 import models                      # noqa: E402
 import solver_utils                # noqa: E402
 import solvers                     # noqa: E402
+import student_search             # noqa: E402
 from torch_utils import misc       # noqa: E402
+from torch_utils.seeds import draw_seed_inputs   # noqa: E402
 
 ALL_SOLVERS = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'unipc')
 BASELINE = dict(ipndm='polynomial', ipndm_v='polynomial', euler='polynomial', heun='polynomial', dpm='polynomial',
                 dpmpp='logsnr', unipc='logsnr', deis='time_uniform')
-FIXED = dict(gits.FIXED_SCHEDULES)
+FIXED = dict(student_search.FIXED_SCHEDULES)
 MODES = ('baseline', 'best_fixed', 'gits', 'student', 'refined')
 
 
 def latents(model, seeds):
-    return torch.stack([torch.randn(list(model.shape), generator=misc.seed_generator(s), dtype=torch.float64)
-                        for s in seeds])
+    return draw_seed_inputs(seeds, model.shape, 0)[0]
 
 
 def layout(solver, nfe):
@@ -61,7 +62,7 @@ def held_out(model, lat, ref, t_steps, solver, options, afs):
     """Per-seed RMSE [E] of the solver on t_steps against the exact solution."""
     with torch.no_grad():
         x = solvers.SOLVERS[solver](model.denoise, lat * float(t_steps[0]), t_steps, afs=afs, **options)
-    return (x - ref).reshape(len(x), -1).square().mean(-1).sqrt()
+    return misc.per_seed_rmse(x, ref)
 
 
 def stats(errors):
@@ -99,7 +100,7 @@ def run_dataset(name, opts):
         for afs in sorted({a for _, a in configs.values()}):
             steps = max(p for p, a in configs.values() if a == afs) - 1
             tm = {}
-            paths, spent = gits.student_dp(data, t_tea, steps, solver, options, afs, 1.15, grid=opts.student_grid, timing=tm)
+            paths, spent = student_search.student_dp(data, t_tea, steps, solver, options, afs, 1.15, grid=opts.student_grid, timing=tm)
             student[afs] = (paths, spent, tm['student'])
         rows = {}
         for nfe, (points, afs) in configs.items():
@@ -108,7 +109,7 @@ def run_dataset(name, opts):
             path = gits_paths[points - int(afs)]
             if afs:
                 t1 = time.perf_counter()
-                sched, path = gits._afs_free_step(data, t_tea, path, solver, options)
+                sched, path, _ = gits.afs_free_step(data, t_tea, path, solver, options)
                 row['cost']['gits_afs_seconds'] = time.perf_counter() - t1
             if len(path) == points:
                 schedules['gits'] = t_tea[path].clone()
@@ -117,9 +118,9 @@ def run_dataset(name, opts):
             row['cost']['student'] = dict(evals=spent, seconds=secs)
             budget = int(opts.refine_budget * teacher_evals)
             inits = {k: v for k, v in schedules.items()}
-            subset = gits.refine_subset(budget, nfe, opts.num_warmup, len(inits))
+            subset = student_search.refine_subset(budget, nfe, opts.num_warmup, len(inits))
             tm = {}
-            schedules['refined'], info = gits.refine_schedule(data, inits, solver, options, afs, budget, subset,
+            schedules['refined'], info = student_search.refine_schedule(data, inits, solver, options, afs, budget, subset,
                                                               timing=tm)
             row['cost']['refine'] = dict(evals=info['evals'], seconds=tm['refine'], budget=budget, subset=subset,
                                          start=info['start'], warmup_start=info['start_objectives'],

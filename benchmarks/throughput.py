@@ -25,6 +25,7 @@ import io
 import json
 import math
 import os
+import runpy
 import statistics
 import sys
 import tempfile
@@ -39,11 +40,11 @@ sys.path.insert(0, ROOT)
 
 import dnnlib                  # noqa: E402
 import models                  # noqa: E402
-import sample                  # noqa: E402
 import solver_utils            # noqa: E402
 import solvers                 # noqa: E402
 from dnnlib.util import UserError   # noqa: E402
 from torch_utils import misc   # noqa: E402
+from torch_utils.seeds import split_batches   # noqa: E402
 
 # network_kwargs of edm-cifar10-32x32-uncond-vp.pkl (../shared/specs/edm-cifar10-32x32-uncond-vp.json;
 # tests/test_trajectory.py checks the copy), kept here so the benchmark runs without the specs.
@@ -139,6 +140,12 @@ def _proc_status():
 # ----------------------------------------------------------------------------------------------
 # The two loops.
 
+def sample_command():
+    """sample.py's click command. The script is what is measured, so it is loaded as a script
+    (runpy), not imported as a library: no module of the project imports the CLI."""
+    return runpy.run_path(os.path.join(ROOT, 'sample.py'))['main']
+
+
 def run_sample_py(model, args, sync):
     """sample.py's command on `args`, with models.load returning `model` and its bound denoisers
     timed. Returns (seconds, TimedDenoiser)."""
@@ -153,7 +160,7 @@ def run_sample_py(model, args, sync):
             contextlib.redirect_stdout(io.StringIO()):
         sync()
         t0, c0 = time.perf_counter(), time.process_time()
-        sample.main.main(args=args, standalone_mode=False)
+        sample_command().main(args=args, standalone_mode=False)
         sync()
         seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     return seconds, cpu, timer
@@ -175,7 +182,7 @@ def run_bare(model, num_batches, batch_sizes, t_steps, nfe, device, sync):
 
 
 def batch_sizes(num_seeds, batch):
-    return [len(b) for b in sample.split_batches(list(range(num_seeds)), batch, 1)]
+    return [len(b) for b in split_batches(list(range(num_seeds)), batch, 1)]
 
 
 # ----------------------------------------------------------------------------------------------

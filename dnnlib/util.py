@@ -1,4 +1,4 @@
-"""EasyDict, user-facing errors, the command-line runner, and cached downloads."""
+"""EasyDict, user-facing errors, the command-line runner and its checks, and cached downloads."""
 
 import hashlib
 import os
@@ -50,6 +50,18 @@ def run_cli(command, args=None):
     except KeyboardInterrupt:
         print('Error: interrupted', file=sys.stderr)
         sys.exit(130)
+
+
+def check_writable_dir(path, flag='--outdir'):
+    path = os.path.abspath(path)
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
+        raise UserError(f'{flag}: cannot create or write "{path}" ("{probe}" is not a writable folder)')
 
 
 # ----------------------------------------------------------------------------------------------

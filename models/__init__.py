@@ -6,6 +6,8 @@ import importlib
 
 from dnnlib.util import UserError
 
+GUIDANCE_TYPES = ('cg', 'cfg', 'uncond')   # classifier guidance, classifier-free guidance, none
+
 # dataset_name -> (module, loader function). Each loader takes (model_path=None, device=..., **kw).
 REGISTRY = {
     'gmm': ('models.analytic', 'load_gmm'),

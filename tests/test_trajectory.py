@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import gits
+from torch_utils.seeds import draw_seed_inputs
 import solver_utils
 import trajectory
 from helpers import assert_one_line_error, run_cli
@@ -74,7 +75,7 @@ def test_analyze_digits_profile_and_figures(tmp_path):
     import models
     import sample
     model = models.load('digits')
-    noise, _ = sample.draw_seed_inputs([0], model.shape, 0)
+    noise, _ = draw_seed_inputs([0], model.shape, 0)
     t_steps = torch.tensor(rec['t_steps'], dtype=torch.float64)
     xs, _ = trajectory.record_trajectories(model.denoise, noise.float(), t_steps, 'heun')
     expected = torch.tensor(rec['sampling']['deviation'][0], dtype=torch.float64)
@@ -97,7 +98,7 @@ def test_schedules_command_matches_gits_search(tmp_path):
     import models
     import sample
     model = models.load('digits')
-    noise, _ = sample.draw_seed_inputs(range(5000, 5006), model.shape, 0)
+    noise, _ = draw_seed_inputs(range(5000, 5006), model.shape, 0)
     ref = gits.search_schedule(model.denoise, noise.float(), num_steps=5, sigma_min=0.002, sigma_max=80,
                                solver_tea='euler', num_steps_tea=13, solver='euler')
     assert rec['schedules']['gits'] == [float(t) for t in ref]

@@ -71,6 +71,20 @@ def all_gather_object(obj):
     return out
 
 
+def gather_in_order(index_rows):
+    """`index_rows`: this rank's list of (global_index, tensor). Returns the tensors of all ranks
+    stacked in global-index order, so that a reduction over them does not depend on how the rows
+    were split over batches and processes."""
+    rows = [r for part in all_gather_object([(i, t.cpu()) for i, t in index_rows]) for r in part]
+    rows.sort(key=lambda r: r[0])
+    return torch.stack([t for _, t in rows])
+
+
+def sum_over_ranks(value):
+    """Sum of a Python number over all processes."""
+    return sum(all_gather_object(value))
+
+
 def broadcast_object(obj, src=0):
     if not is_distributed():
         return obj
@@ -95,6 +109,21 @@ def rank0_first(fn):
     if error is not None:
         raise UserError(error)
     return result if get_rank() == 0 else fn()
+
+
+def resolve_file(url_or_path, flag, cache_dir):
+    """Local path of a file or URL, downloaded once into `cache_dir`; errors name `flag`. Not
+    collective: under torchrun call it on rank 0 first (`fetch_file`)."""
+    import dnnlib
+    try:
+        return dnnlib.util.resolve_path(url_or_path, cache_dir=cache_dir, progress=get_rank() == 0, flag=flag)
+    except UserError as e:
+        raise UserError(f'{flag}: {e}') from None
+
+
+def fetch_file(url_or_path, flag, cache_dir):
+    """`resolve_file` on rank 0 first (it downloads), then on the other ranks (they find the file)."""
+    return rank0_first(lambda: resolve_file(url_or_path, flag, cache_dir))
 
 
 def print0(*args, **kwargs):

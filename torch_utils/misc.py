@@ -1,4 +1,4 @@
-"""Small helpers: seed lists, per-seed random draws, atomic file writes."""
+"""Small helpers: seed lists, per-seed random draws, the per-seed error, atomic file writes."""
 
 import json
 import os
@@ -34,10 +34,11 @@ def seed_generator(seed):
     return torch.Generator(device='cpu').manual_seed(int(seed))
 
 
-def per_seed_randn(seeds, shape, device='cpu', dtype=torch.float32):
-    """Standard-normal tensor [len(seeds), *shape], row i drawn from seed_generator(seeds[i])."""
-    rows = [torch.randn(list(shape), generator=seed_generator(s), dtype=torch.float64) for s in seeds]
-    return torch.stack(rows).to(device=device, dtype=dtype)
+def per_seed_rmse(x, ref):
+    """RMSE of each sample against its reference [B] (float64, CPU). The project's one error
+    measure: benchmarks and the search report its mean over seeds."""
+    diff = (x.to(torch.float64) - ref.to(torch.float64)).reshape(x.shape[0], -1)
+    return diff.square().mean(-1).sqrt().cpu()
 
 
 def default_file_mode():

@@ -11,6 +11,8 @@ import torch
 
 import gits
 import solver_utils
+import solvers
+import student_search
 from helpers import assert_one_line_error, run_cli
 
 
@@ -62,8 +64,8 @@ def test_priced_step_equals_direct_computation(teacher, digits):
     t = [float(v) for v in t_tea]
     for rnd in data:
         for (solver, opts, path, j), want in direct_steps(rnd, t, digits.denoise).items():
-            options = gits.solvers.resolve_options(solver, dict(opts))
-            err, evals = gits.price_step(rnd, t_tea, list(path), j, solver, options)
+            options = solvers.resolve_options(solver, dict(opts))
+            err, evals = student_search.price_step(rnd, t_tea, list(path), j, solver, options)
             # The history steps of the sub-run drift from the teacher points; the drift is removed
             # exactly (up to round-off of O(1) values), so the step matches the direct formula.
             assert torch.allclose(err, rmse(want, rnd.xs[j]), rtol=1e-9, atol=1e-12), (solver, path, j)
@@ -74,7 +76,7 @@ def test_priced_step_with_afs_uses_the_analytic_slope(teacher):
     data, t_tea = teacher
     t = [float(v) for v in t_tea]
     rnd = data[0]
-    err, evals = gits.price_step(rnd, t_tea, [0], 4, 'euler', {}, afs=True)
+    err, evals = student_search.price_step(rnd, t_tea, [0], 4, 'euler', {}, afs=True)
     x0 = rnd.xs[0]
     want = x0 + (t[4] - t[0]) * x0 / math.sqrt(1 + t[0] ** 2)
     assert evals == 0
@@ -83,12 +85,12 @@ def test_priced_step_with_afs_uses_the_analytic_slope(teacher):
 
 def test_student_dp_two_steps_is_brute_force(teacher):
     data, t_tea = teacher
-    options = gits.solvers.resolve_options('ipndm', {})
-    paths, evals = gits.student_dp(data, t_tea, 2, 'ipndm', options, coeff=1.3, grid=13)
+    options = solvers.resolve_options('ipndm', {})
+    paths, evals = student_search.student_dp(data, t_tea, 2, 'ipndm', options, coeff=1.3, grid=13)
     assert evals == 0 and sorted(paths) == [2, 3]
 
     def cost(path, j):
-        return float(torch.cat([gits.price_step(r, t_tea, path, j, 'ipndm', options)[0] for r in data]).mean())
+        return float(torch.cat([student_search.price_step(r, t_tea, path, j, 'ipndm', options)[0] for r in data]).mean())
 
     assert paths[2] == [0, 12]
     best = min(range(1, 12), key=lambda m: cost([0], m) + 1.3 * cost([0, m], 12))
@@ -111,10 +113,10 @@ def test_refinement_is_monotone_ordered_and_within_budget(digits, solver, subset
     counter = Counting(digits.denoise)
     data, _, teacher_evals = gits.run_teachers([(0, counter, lat)], t_tea)
     counter.rows = 0
-    options = gits.solvers.resolve_options(solver, {})
-    inits = {kind: solver_utils.get_schedule(5, 0.002, 80, kind, rho) for kind, rho in gits.FIXED_SCHEDULES}
+    options = solvers.resolve_options(solver, {})
+    inits = {kind: solver_utils.get_schedule(5, 0.002, 80, kind, rho) for kind, rho in student_search.FIXED_SCHEDULES}
     budget = 4 * teacher_evals
-    ts, info = gits.refine_schedule(data, inits, solver, options, budget=budget, subset=subset)
+    ts, info = student_search.refine_schedule(data, inits, solver, options, budget=budget, subset=subset)
     assert counter.rows == info['evals'] <= budget
     assert info['moved']                         # both cases do improve
     first = inits[info['start']]
@@ -122,18 +124,18 @@ def test_refinement_is_monotone_ordered_and_within_budget(digits, solver, subset
     assert bool((ts[1:] < ts[:-1]).all())
     start = min(info['start_objectives'].values())
     assert info['start'] == min(info['start_objectives'], key=info['start_objectives'].get)
-    value, _ = gits.warmup_objective(data, ts, solver, options)
+    value, _ = student_search.warmup_objective(data, ts, solver, options)
     assert value == pytest.approx(info['objective'], rel=1e-12)
     assert value <= start
     assert all(b < a for a, b in zip(info['trace'], info['trace'][1:]))     # the search part
     if subset is not None and info['moved']:     # kept only if the validation part gains too
         for lo, hi in ((0, subset), (subset, 6)):
-            mine = gits.warmup_errors(data, ts, solver, options, lo=lo, hi=hi)[0].mean()
-            theirs = gits.warmup_errors(data, first, solver, options, lo=lo, hi=hi)[0].mean()
+            mine = student_search.warmup_errors(data, ts, solver, options, lo=lo, hi=hi)[0].mean()
+            theirs = student_search.warmup_errors(data, first, solver, options, lo=lo, hi=hi)[0].mean()
             assert mine < theirs
     # A budget that affords only the starts leaves the best start as it is.
     small = 3 * 4 * 6
-    ts2, info2 = gits.refine_schedule(data, inits, solver, options, budget=small)
+    ts2, info2 = student_search.refine_schedule(data, inits, solver, options, budget=small)
     assert info2['evals'] <= small and not info2['moved']
     assert torch.equal(ts2, inits[info2['start']])
 
@@ -142,12 +144,12 @@ def test_student_refined_search_is_batch_invariant(digits):
     lat = torch.randn(7, *digits.shape, generator=torch.Generator().manual_seed(2))
     kw = dict(num_steps=4, sigma_min=0.002, sigma_max=80, num_steps_tea=13, solver='unipc', search='student',
               refine=True, refine_budget=2.0, student_grid=7)
-    a = gits.search_schedule(digits.denoise, lat, **kw)
-    b = gits.search_schedule(digits.denoise, lat, batch_size=3, **kw)
+    a = student_search.search_schedule(digits.denoise, lat, **kw)
+    b = student_search.search_schedule(digits.denoise, lat, batch_size=3, **kw)
     assert torch.equal(a, b)
     assert len(a) == 4 and float(a[0]) == 80 and bool((a[1:] < a[:-1]).all())
     # With afs the student search returns one more point at the same NFE, as GITS does.
-    c = gits.search_schedule(digits.denoise, lat, afs=True, **dict(kw, refine=False))
+    c = student_search.search_schedule(digits.denoise, lat, afs=True, **dict(kw, refine=False))
     assert len(c) == 5
 
 
@@ -193,10 +195,10 @@ def test_refinement_kept_only_if_validation_gain_beats_noise(monkeypatch, valida
         every = torch.cat([torch.full([32], level, dtype=torch.float64), validation])
         return every[lo:hi], 0
 
-    monkeypatch.setattr(gits, 'warmup_errors', fake_errors)
+    monkeypatch.setattr(student_search, 'warmup_errors', fake_errors)
     data = [types.SimpleNamespace(size=64)]
     start = torch.tensor([80.0, 10.0, 0.002], dtype=torch.float64)
-    ts, info = gits.refine_schedule(data, {'start': start}, 'euler', {}, subset=32)
+    ts, info = student_search.refine_schedule(data, {'start': start}, 'euler', {}, subset=32)
     assert info['moved'] is kept
     assert (float(ts[1]) < 10.0) is kept
     assert torch.equal(ts, start) is (not kept)
