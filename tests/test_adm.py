@@ -17,7 +17,7 @@ import solvers
 from conftest import SPECS
 from dnnlib.util import UserError
 from helpers import assert_one_line_error, run_cli
-from models import adm, unet_adm
+from models import adm, unet, unet_config
 
 # Golden tensors were produced by the reference code on CPU in float32; a re-implementation
 # with a different op order differs by float32 round-off (~1e-7 relative, outputs are O(1)).
@@ -41,7 +41,7 @@ def spec_shapes(name):
 
 def test_golden_unet_classcond():
     g = golden('adm_unet_classcond')
-    net = unet_adm.UNetModel(**g['config']['constructor_kwargs']).eval()
+    net = unet.UNetModel(**g['config']['constructor_kwargs']).eval()
     net.load_state_dict(g['state_dict'], strict=True)
     with torch.no_grad():
         out = net(g['x'], g['timesteps'], y=g['y'])
@@ -51,7 +51,7 @@ def test_golden_unet_classcond():
 
 def test_golden_classifier():
     g = golden('adm_classifier')
-    net = unet_adm.EncoderUNetModel(**g['config']['constructor_kwargs']).eval()
+    net = unet.EncoderUNetModel(**g['config']['constructor_kwargs']).eval()
     net.load_state_dict(g['state_dict'], strict=True)
     with torch.no_grad():
         logits = net(g['x'], g['timesteps'])
@@ -62,11 +62,11 @@ def test_golden_detects_wrong_attention_layout():
     """The golden comparison is sharp: the other qkv layout, or one perturbed layer, is caught."""
     g = golden('adm_unet_classcond')
     kwargs = dict(g['config']['constructor_kwargs'], attention_type='new')
-    net = unet_adm.UNetModel(**kwargs).eval()
+    net = unet.UNetModel(**kwargs).eval()
     net.load_state_dict(g['state_dict'], strict=True)
     with torch.no_grad():
         assert (net(g['x'], g['timesteps'], y=g['y']) - g['output']).abs().max() > 1000 * ATOL
-    net = unet_adm.UNetModel(**g['config']['constructor_kwargs']).eval()
+    net = unet.UNetModel(**g['config']['constructor_kwargs']).eval()
     sd = dict(g['state_dict'])
     sd['output_blocks.1.1.proj_out.bias'] = sd['output_blocks.1.1.proj_out.bias'] + 0.01
     net.load_state_dict(sd, strict=True)
@@ -76,13 +76,13 @@ def test_golden_detects_wrong_attention_layout():
 
 def test_infer_config_from_golden_state_dicts():
     g = golden('adm_unet_classcond')
-    cfg = unet_adm.infer_unet_config(g['state_dict'], num_head_channels=16)
+    cfg = unet_config.infer_unet_config(g['state_dict'], num_head_channels=16)
     ref = g['config']['constructor_kwargs']
     for key in ('model_channels', 'out_channels', 'num_res_blocks', 'attention_resolutions', 'channel_mult',
                 'num_classes', 'num_head_channels', 'use_scale_shift_norm', 'resblock_updown'):
         assert cfg[key] == ref[key], key
     g = golden('adm_classifier')
-    cfg = unet_adm.infer_encoder_config(g['state_dict'], num_res_blocks=1, num_head_channels=16)
+    cfg = unet_config.infer_encoder_config(g['state_dict'], num_res_blocks=1, num_head_channels=16)
     ref = g['config']['constructor_kwargs']
     for key in ('image_size', 'model_channels', 'out_channels', 'attention_resolutions', 'channel_mult', 'pool',
                 'use_scale_shift_norm', 'resblock_updown'):
@@ -99,8 +99,8 @@ FULL_DIFFUSION = dict(use_scale_shift_norm=True, resblock_updown=True)
 
 
 @pytest.mark.parametrize('name,cls,infer', [
-    ('adm-256x256_diffusion', unet_adm.UNetModel, unet_adm.infer_unet_config),
-    ('adm-256x256_classifier', unet_adm.EncoderUNetModel, unet_adm.infer_encoder_config),
+    ('adm-256x256_diffusion', unet.UNetModel, unet_config.infer_unet_config),
+    ('adm-256x256_classifier', unet.EncoderUNetModel, unet_config.infer_encoder_config),
 ])
 def test_full_size_layout(name, cls, infer):
     spec, shapes = spec_shapes(name)
@@ -111,7 +111,7 @@ def test_full_size_layout(name, cls, infer):
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes
     assert sum(v.numel() for v in net.state_dict().values()) == spec['num_parameters_and_buffers']
     inferred = infer(shapes)
-    if cls is unet_adm.UNetModel:
+    if cls is unet.UNetModel:
         inferred['image_size'] = adm.image_size_from_attention(inferred)
     with torch.device('meta'):
         again = cls(**inferred)
@@ -128,14 +128,14 @@ def test_full_size_layout(name, cls, infer):
 
 def tiny_unet(seed=0, model_channels=64, attention_resolutions=(1, 2), channel_mult=(1, 1)):
     torch.manual_seed(seed)
-    return unet_adm.UNetModel(image_size=32, model_channels=model_channels, out_channels=6, num_res_blocks=1,
+    return unet.UNetModel(image_size=32, model_channels=model_channels, out_channels=6, num_res_blocks=1,
                               attention_resolutions=attention_resolutions, channel_mult=channel_mult, num_classes=1000,
                               num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True).eval()
 
 
 def tiny_classifier(seed=1, image_size=32):
     torch.manual_seed(seed)
-    return unet_adm.EncoderUNetModel(image_size=image_size, model_channels=32, out_channels=1000, num_res_blocks=2,
+    return unet.EncoderUNetModel(image_size=image_size, model_channels=32, out_channels=1000, num_res_blocks=2,
                                      attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=64,
                                      use_scale_shift_norm=True, resblock_updown=True, pool='attention').eval()
 
@@ -248,7 +248,7 @@ def test_fp16_torso_on_cpu_module_level():
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([10.5, 700.0]), torch.tensor([1, 2])
     with torch.no_grad():
-        a, b = ref(x, t, y), half(x, t, y)
+        a, b = ref(x, t, y=y), half(x, t, y=y)
     assert b.dtype == torch.float32
     assert (a - b).abs().max() < 2e-2 * a.abs().max()
 

@@ -17,7 +17,7 @@ import solvers
 from conftest import SPECS
 from dnnlib.util import UserError
 from helpers import assert_one_line_error, run_cli
-from models import adm, cm, unet_adm
+from models import adm, cm, unet, unet_config
 
 # Same tolerance argument as tests/test_adm.py: float32 round-off of O(1) outputs.
 ATOL = 1e-5
@@ -33,7 +33,7 @@ def gold():
 
 
 def golden_net(g, **overrides):
-    net = unet_adm.UNetModel(**dict(g['kwargs'], **overrides)).eval()
+    net = unet.UNetModel(**dict(g['kwargs'], **overrides)).eval()
     net.load_state_dict(g['state_dict'], strict=True)
     return net
 
@@ -65,7 +65,7 @@ def test_golden_detects_legacy_layout_and_conv1d(gold):
 
 
 def test_infer_config_from_golden(gold):
-    cfg = unet_adm.infer_unet_config(gold['state_dict'], num_head_channels=16, attention_type='flash')
+    cfg = unet_config.infer_unet_config(gold['state_dict'], num_head_channels=16, attention_type='flash')
     ref = gold['kwargs']
     for key in ('model_channels', 'out_channels', 'num_res_blocks', 'attention_resolutions', 'channel_mult',
                 'num_classes', 'use_scale_shift_norm', 'resblock_updown', 'attention_dims'):
@@ -78,16 +78,16 @@ def test_full_size_layout():
     shapes = {k: tuple(s) for k, s, _ in spec['state_dict_keys']}
     kwargs = {k: v for k, v in spec['constructor_kwargs'].items() if k != 'dtype_attr'}
     with torch.device('meta'):
-        net = unet_adm.UNetModel(**kwargs, **CM_OPTIONS)
+        net = unet.UNetModel(**kwargs, **CM_OPTIONS)
     assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes
     assert sum(v.numel() for v in net.state_dict().values()) == spec['num_parameters_and_buffers']
-    inferred = unet_adm.infer_unet_config(shapes, attention_type='flash')
+    inferred = unet_config.infer_unet_config(shapes, attention_type='flash')
     inferred['image_size'] = adm.image_size_from_attention(inferred)
     assert inferred['image_size'] == 256 and inferred['num_classes'] is None
     with torch.device('meta'):
-        assert repr(unet_adm.UNetModel(**inferred)) == repr(net)
+        assert repr(unet.UNetModel(**inferred)) == repr(net)
     sd = {k: torch.empty(s) for k, s in shapes.items()}        # storage never written: no 2 GB touched
-    loaded = adm.build_network(unet_adm.UNetModel, inferred, sd, 'edm_bedroom256_ema.pt')
+    loaded = adm.build_network(unet.UNetModel, inferred, sd, 'edm_bedroom256_ema.pt')
     assert all(p.data_ptr() == sd[k].data_ptr() for k, p in loaded.state_dict().items())
 
 
@@ -96,7 +96,7 @@ def test_full_size_layout():
 
 def tiny_cm(seed=0):
     torch.manual_seed(seed)
-    return unet_adm.UNetModel(image_size=32, model_channels=64, out_channels=3, num_res_blocks=1,
+    return unet.UNetModel(image_size=32, model_channels=64, out_channels=3, num_res_blocks=1,
                               attention_resolutions=(1, 2), channel_mult=(1, 1), num_head_channels=64,
                               **CM_OPTIONS).eval()
 

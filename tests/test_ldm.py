@@ -27,7 +27,7 @@ from helpers import assert_one_line_error, run_cli
 from models import ldm
 from models.autoencoders import VQModel
 from models.discrete import scaled_linear_alphas_cumprod
-from models.unet_ldm import UNetModel
+from models.unet import UNetModel
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 

@@ -26,7 +26,7 @@ from models import sd as sd_module
 from models.autoencoders import AutoencoderKL
 from models.clip_text import CLIPTextConfig, CLIPTextModel, tokenize
 from models.discrete import scaled_linear_alphas_cumprod
-from models.unet_ldm import UNetModel
+from models.unet import UNetModel
 from test_ldm import spec_state_dict, write_config, write_lightning_ckpt
 
 TOL = dict(atol=1e-4, rtol=1e-4)
