@@ -200,17 +200,12 @@ def unet_weights(sd, use_ema):
     return ema, True
 
 
-# unet_config.params entries that change nothing at sampling: training-only ones, and use_fp16
-# (the wrappers run the UNet under autocast instead of converting its weights).
-_UNET_IGNORED = ('image_size', 'dropout', 'use_checkpoint', 'use_fp16')
-
-
-def ldm_unet(**params):
+def ldm_unet(use_fp16=False, **params):
     """The UNet of an LDM/SD config's `unet_config.params` (openaimodel.UNetModel's arguments).
-    Refused: class labels (the wrappers pass none), and the options where openaimodel computes
-    another function than guided-diffusion's UNet: channel_mult[0] != 1 (its first conv has
-    model_channels outputs) and a num_heads_upsample of its own."""
-    params = {k: v for k, v in params.items() if k not in _UNET_IGNORED}
+    use_fp16 is ignored: the wrappers run the UNet under autocast instead. Refused: class labels
+    (the wrappers pass none), and the options where openaimodel computes another function than
+    guided-diffusion's UNet: channel_mult[0] != 1 (its first conv has model_channels outputs)
+    and a num_heads_upsample of its own."""
     if params.get('num_classes') is not None:
         raise ValueError(f'num_classes={params["num_classes"]} is not supported (no class labels are passed)')
     if params.get('channel_mult', (1,))[0] != 1:

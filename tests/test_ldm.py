@@ -145,6 +145,22 @@ def test_lightning_ckpt_loads_weights_only(tiny_ldm_dir, golden):
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
 
 
+@pytest.mark.parametrize('change,words', [
+    (dict(num_classes=10), 'num_classes=10'),                    # the wrappers pass no labels
+    (dict(channel_mult=[2, 2]), 'channel_mult'),                 # openaimodel's first conv differs
+    (dict(num_heads_upsample=2), 'num_heads_upsample'),
+    (dict(n_embed=64), 'n_embed'),
+    (dict(dims=3), '2-d'),
+    (dict(use_spatial_transformer=True), 'context_dim'),
+    (dict(sampler='ddim'), 'sampler'),                           # not an argument of the UNet
+])
+def test_unsupported_unet_config_is_a_user_error(golden, change, words):
+    params = dict(golden['config']['unet_constructor_kwargs'], **change)
+    with pytest.raises(UserError, match=f'^model.ckpt: the config describes an unsupported network: .*{words}') as e:
+        ldm.instantiate(ldm.ldm_unet, golden['unet_state_dict'], 'model.ckpt', **params)
+    assert '\n' not in str(e.value)
+
+
 def test_corrupt_ckpt_is_a_user_error(tmp_path):
     bad = tmp_path / 'model.ckpt'
     bad.write_bytes(b'not a checkpoint')
