@@ -273,8 +273,8 @@ class UNetModel(_Torso):
     (`unet_config.params` of an LDM/SD config) plus attention_type/attention_dims (see the module
     docstring). `attention_resolutions` are downsample factors (ds = image_size // resolution), as
     the reference classes take them. The first conv has channel_mult[0] * model_channels
-    outputs, as in guided-diffusion (latent-diffusion: model_channels; the same for its configs,
-    all of which have channel_mult[0] = 1)."""
+    outputs, as in guided-diffusion (latent-diffusion: model_channels, the same only when
+    channel_mult[0] = 1, which models/ldm.py requires)."""
 
     torso_names = ('input_blocks', 'middle_block', 'output_blocks')
 
