@@ -14,7 +14,7 @@ The classifier always runs in float32 (guided-diffusion's classifier_use_fp16 de
 Files: 256x256_diffusion.pt and 256x256_classifier.pt, plain state dicts, downloaded into
 ./src/imagenet256/. --model_path names the diffusion model (local path or URL); the classifier
 is looked up beside it (`classifier_location`). Network configs are inferred from the state
-dicts (models/unet_adm.py), so smaller checkpoints of the same family load as well.
+dicts (models/unet_config.py), so smaller checkpoints of the same family load as well.
 """
 
 import math
@@ -28,7 +28,8 @@ from dnnlib import util
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
 
-from . import unet_adm
+from .unet import EncoderUNetModel, UNetModel
+from .unet_config import infer_encoder_config, infer_unet_config
 from .base import resolve_fp16
 from .discrete import DiscreteVPModel, linear_alphas_cumprod
 
@@ -114,11 +115,11 @@ def image_size_from_attention(cfg):
 
 def load_unet(path, flag='--model_path', attention_type='legacy', network_kwargs=None):
     sd = read_state_dict(path, flag)
-    cfg = infer(unet_adm.infer_unet_config, sd, path, flag, num_head_channels=HEAD_CHANNELS,
+    cfg = infer(infer_unet_config, sd, path, flag, num_head_channels=HEAD_CHANNELS,
                 attention_type=attention_type)
     cfg['image_size'] = infer(image_size_from_attention, cfg, path, flag)
     cfg.update(network_kwargs or {})
-    return build_network(unet_adm.UNetModel, cfg, sd, path, flag)
+    return build_network(UNetModel, cfg, sd, path, flag)
 
 
 def class_index(class_labels, label_dim):
@@ -211,10 +212,10 @@ def load_imagenet256(model_path=None, device='cpu', guidance_type=None, guidance
     if clf_location is not None:
         path = fetch(clf_location, 'imagenet256')
         sd = read_state_dict(path)
-        cfg = infer(unet_adm.infer_encoder_config, sd, path, num_head_channels=HEAD_CHANNELS)
+        cfg = infer(infer_encoder_config, sd, path, num_head_channels=HEAD_CHANNELS)
         cfg['image_size'] = cfg['image_size'] or net.image_size        # 'adaptive' pool: any size
         cfg.update(classifier_kwargs or {})
-        classifier = build_network(unet_adm.EncoderUNetModel, cfg, sd, path)
+        classifier = build_network(EncoderUNetModel, cfg, sd, path)
         if cfg['image_size'] != net.image_size or classifier.in_channels != net.in_channels:
             raise UserError(f'--model_path: the classifier "{path}" is for {cfg["image_size"]}px images, '
                             f'the diffusion model for {net.image_size}px')

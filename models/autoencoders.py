@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .unet_ldm import Upsample  # nearest-neighbour x2 then a 3x3 conv, the same module in both
+from .unet import Upsample  # nearest-neighbour x2 then a 3x3 conv, the same module in both
 
 
 def normalize(channels):

@@ -29,7 +29,7 @@ from . import reject_options
 from .autoencoders import FIRST_STAGES
 from .base import resolve_fp16
 from .discrete import DiscreteVPModel, scaled_linear_alphas_cumprod
-from .unet_ldm import UNetModel
+from .unet import UNetModel
 
 URLS = {
     'lsun_bedroom_ldm': 'https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip',
@@ -200,11 +200,29 @@ def unet_weights(sd, use_ema):
     return ema, True
 
 
+def ldm_unet(use_fp16=False, **params):
+    """The UNet of an LDM/SD config's `unet_config.params` (openaimodel.UNetModel's arguments).
+    use_fp16 is ignored: the wrappers run the UNet under autocast instead. Refused: class labels
+    (the wrappers pass none), and the options where openaimodel computes another function than
+    guided-diffusion's UNet: channel_mult[0] != 1 (its first conv has model_channels outputs)
+    and a num_heads_upsample of its own."""
+    if params.get('num_classes') is not None:
+        raise ValueError(f'num_classes={params["num_classes"]} is not supported (no class labels are passed)')
+    if params.get('channel_mult', (1,))[0] != 1:
+        raise ValueError(f'channel_mult={params["channel_mult"]} is not supported (it must start with 1)')
+    if params.get('num_heads_upsample', -1) not in (-1, params.get('num_heads', -1)):
+        raise ValueError('num_heads_upsample different from num_heads is not supported')
+    return UNetModel(**params)
+
+
 def instantiate(cls, weights, where, *args, **kwargs):
     """Build `cls` on the meta device (no random init of hundreds of millions of weights) and
     load `weights` with strict=True, in float32."""
-    with torch.device('meta'):
-        module = cls(*args, **kwargs)
+    try:
+        with torch.device('meta'):
+            module = cls(*args, **kwargs)
+    except (TypeError, ValueError) as e:
+        raise UserError(f'{where}: the config describes an unsupported network: {e}') from None
     try:
         module.load_state_dict({k: v.float() for k, v in weights.items()}, strict=True, assign=True)
     except RuntimeError as e:
@@ -281,7 +299,7 @@ def build_ldm(params, sd, where, device='cpu', use_fp16=False):
             or params.get('conditioning_key') is not None:
         raise UserError(f'{where}: this config is conditional; lsun_bedroom_ldm/ffhq_ldm need an unconditional LDM')
     weights, used_ema = unet_weights(sd, params.get('use_ema', True))
-    unet = instantiate(UNetModel, weights, where, **params['unet_config']['params'])
+    unet = instantiate(ldm_unet, weights, where, **params['unet_config']['params'])
     model = LatentDiffusion(unet, build_first_stage(params, sd, where), schedule(params, sd, where),
                             params.get('channels', 3), params.get('image_size', 64),
                             params.get('scale_factor', 1.0), device=device, use_fp16=use_fp16)

@@ -26,8 +26,7 @@ from torch_utils.prompts import read_prompt_file
 from . import reject_options
 from .clip_text import CLIPTextModel, infer_config, tokenize
 from .base import resolve_fp16
-from .ldm import LatentDiffusion, build_first_stage, instantiate, load_parts, schedule, unet_weights
-from .unet_ldm import UNetModel
+from .ldm import LatentDiffusion, build_first_stage, instantiate, ldm_unet, load_parts, schedule, unet_weights
 
 URL = 'https://huggingface.co/runwayml/stable-diffusion-v1-5/resolve/main/v1-5-pruned-emaonly.ckpt'
 DEFAULT_GUIDANCE_RATE = 7.5
@@ -135,7 +134,7 @@ def text_weights(sd):
 def build_sd(params, sd, where, device='cpu', use_fp16=False, **prompt_kw):
     if params.get('conditioning_key') != 'crossattn':
         raise UserError(f'{where}: not a text-conditional (crossattn) Stable Diffusion config')
-    unet = instantiate(UNetModel, unet_weights(sd, params.get('use_ema', True))[0], where,
+    unet = instantiate(ldm_unet, unet_weights(sd, params.get('use_ema', True))[0], where,
                        **params['unet_config']['params'])
     tw = text_weights(sd)
     if 'text_model.embeddings.token_embedding.weight' not in tw:

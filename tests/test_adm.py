@@ -1,23 +1,19 @@
 """imagenet256 (guided-diffusion ADM + noisy classifier): golden outputs of the reference
 networks, full-size checkpoint layouts, classifier guidance, loading and sampling end to end."""
 
-import functools
-import http.server
-import json
 import os
-import threading
 
 import pytest
 import torch
 
 import models
-import sample
 import solver_utils
 import solvers
-from conftest import SPECS
 from dnnlib.util import UserError
-from helpers import assert_one_line_error, run_cli
-from models import adm, unet_adm
+from helpers import (assert_full_size_layout, assert_golden_misses, assert_load_fails, assert_one_line_error,
+                     check_images, drop_path, golden_network, load_golden, read_spec, run_cli, sample_images,
+                     serve_folder, weight_files)
+from models import adm, unet, unet_config
 
 # Golden tensors were produced by the reference code on CPU in float32; a re-implementation
 # with a different op order differs by float32 round-off (~1e-7 relative, outputs are O(1)).
@@ -26,63 +22,72 @@ from models import adm, unet_adm
 ATOL = 1e-5
 
 
-def golden(name):
-    return torch.load(os.path.join(SPECS, 'golden', f'{name}.pt'), weights_only=True)
+def golden_unet(g, **overrides):
+    return golden_network(unet.UNetModel, dict(g['config']['constructor_kwargs'], **overrides), g['state_dict'])
 
 
-def spec_shapes(name):
-    with open(os.path.join(SPECS, f'{name}.json')) as f:
-        spec = json.load(f)
-    return spec, {k: tuple(s) for k, s, _ in spec['state_dict_keys']}
+def golden_classifier(g):
+    return golden_network(unet.EncoderUNetModel, g['config']['constructor_kwargs'], g['state_dict'])
+
+
+@torch.no_grad()
+def unet_output(net, g):
+    return net(g['x'], g['timesteps'], y=g['y'])
+
+
+@torch.no_grad()
+def classifier_logits(net, g):
+    return net(g['x'], g['timesteps'])
 
 
 # ----------------------------------------------------------------------------------------------
 # Golden outputs.
 
 def test_golden_unet_classcond():
-    g = golden('adm_unet_classcond')
-    net = unet_adm.UNetModel(**g['config']['constructor_kwargs']).eval()
-    net.load_state_dict(g['state_dict'], strict=True)
-    with torch.no_grad():
-        out = net(g['x'], g['timesteps'], y=g['y'])
+    g = load_golden('adm_unet_classcond')
+    out = unet_output(golden_unet(g), g)
     assert out.shape == g['output'].shape
     torch.testing.assert_close(out, g['output'], atol=ATOL, rtol=0)
 
 
 def test_golden_classifier():
-    g = golden('adm_classifier')
-    net = unet_adm.EncoderUNetModel(**g['config']['constructor_kwargs']).eval()
-    net.load_state_dict(g['state_dict'], strict=True)
-    with torch.no_grad():
-        logits = net(g['x'], g['timesteps'])
-    torch.testing.assert_close(logits, g['logits'], atol=ATOL, rtol=0)
+    g = load_golden('adm_classifier')
+    torch.testing.assert_close(classifier_logits(golden_classifier(g), g), g['logits'], atol=ATOL, rtol=0)
 
 
 def test_golden_detects_wrong_attention_layout():
     """The golden comparison is sharp: the other qkv layout, or one perturbed layer, is caught."""
-    g = golden('adm_unet_classcond')
-    kwargs = dict(g['config']['constructor_kwargs'], attention_type='new')
-    net = unet_adm.UNetModel(**kwargs).eval()
-    net.load_state_dict(g['state_dict'], strict=True)
-    with torch.no_grad():
-        assert (net(g['x'], g['timesteps'], y=g['y']) - g['output']).abs().max() > 1000 * ATOL
-    net = unet_adm.UNetModel(**g['config']['constructor_kwargs']).eval()
+    g = load_golden('adm_unet_classcond')
+    assert (unet_output(golden_unet(g, attention_type='new'), g) - g['output']).abs().max() > 1000 * ATOL
     sd = dict(g['state_dict'])
     sd['output_blocks.1.1.proj_out.bias'] = sd['output_blocks.1.1.proj_out.bias'] + 0.01
-    net.load_state_dict(sd, strict=True)
-    with torch.no_grad():
-        assert (net(g['x'], g['timesteps'], y=g['y']) - g['output']).abs().max() > 100 * ATOL
+    net = golden_network(unet.UNetModel, g['config']['constructor_kwargs'], sd)
+    assert (unet_output(net, g) - g['output']).abs().max() > 100 * ATOL
+
+
+# Each path of the networks matters to the golden outputs: the timestep embedding of every
+# ResBlock, the class label, the attention blocks, and the classifier's attention pool.
+@pytest.mark.parametrize('path', ['emb_layers', 'label_emb', 'proj_out'])
+def test_golden_unet_fails_without(path):
+    g = load_golden('adm_unet_classcond')
+    assert_golden_misses(unet_output(drop_path(golden_unet(g), path), g), g['output'], atol=ATOL)
+
+
+@pytest.mark.parametrize('path', ['emb_layers', 'proj_out', 'qkv_proj'])
+def test_golden_classifier_fails_without(path):
+    g = load_golden('adm_classifier')
+    assert_golden_misses(classifier_logits(drop_path(golden_classifier(g), path), g), g['logits'], atol=ATOL)
 
 
 def test_infer_config_from_golden_state_dicts():
-    g = golden('adm_unet_classcond')
-    cfg = unet_adm.infer_unet_config(g['state_dict'], num_head_channels=16)
+    g = load_golden('adm_unet_classcond')
+    cfg = unet_config.infer_unet_config(g['state_dict'], num_head_channels=16)
     ref = g['config']['constructor_kwargs']
     for key in ('model_channels', 'out_channels', 'num_res_blocks', 'attention_resolutions', 'channel_mult',
                 'num_classes', 'num_head_channels', 'use_scale_shift_norm', 'resblock_updown'):
         assert cfg[key] == ref[key], key
-    g = golden('adm_classifier')
-    cfg = unet_adm.infer_encoder_config(g['state_dict'], num_res_blocks=1, num_head_channels=16)
+    g = load_golden('adm_classifier')
+    cfg = unet_config.infer_encoder_config(g['state_dict'], num_res_blocks=1, num_head_channels=16)
     ref = g['config']['constructor_kwargs']
     for key in ('image_size', 'model_channels', 'out_channels', 'attention_resolutions', 'channel_mult', 'pool',
                 'use_scale_shift_norm', 'resblock_updown'):
@@ -91,36 +96,25 @@ def test_infer_config_from_golden_state_dicts():
 
 # ----------------------------------------------------------------------------------------------
 # Full-size layouts (no download): our full configs have exactly the real files' keys and shapes,
-# the configs inferred from those shapes are the full configs, and a state dict built from the
-# spec's key list loads strictly through the loader's own path (meta device + assign, so the
-# 2.2 GB of torch.empty storage is never written).
+# and the configs inferred from those shapes are the full configs.
 
 FULL_DIFFUSION = dict(use_scale_shift_norm=True, resblock_updown=True)
 
 
 @pytest.mark.parametrize('name,cls,infer', [
-    ('adm-256x256_diffusion', unet_adm.UNetModel, unet_adm.infer_unet_config),
-    ('adm-256x256_classifier', unet_adm.EncoderUNetModel, unet_adm.infer_encoder_config),
+    ('adm-256x256_diffusion', unet.UNetModel, unet_config.infer_unet_config),
+    ('adm-256x256_classifier', unet.EncoderUNetModel, unet_config.infer_encoder_config),
 ])
 def test_full_size_layout(name, cls, infer):
-    spec, shapes = spec_shapes(name)
+    spec, shapes = read_spec(name)
     kwargs = {k: v for k, v in spec['constructor_kwargs'].items() if k != 'dtype_attr'}
     kwargs.update(FULL_DIFFUSION, image_size=256)
-    with torch.device('meta'):
-        net = cls(**kwargs)
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes
-    assert sum(v.numel() for v in net.state_dict().values()) == spec['num_parameters_and_buffers']
     inferred = infer(shapes)
-    if cls is unet_adm.UNetModel:
+    if cls is unet.UNetModel:
         inferred['image_size'] = adm.image_size_from_attention(inferred)
-    with torch.device('meta'):
-        again = cls(**inferred)
-    assert repr(again) == repr(net)
     assert inferred['image_size'] == 256 and inferred['num_head_channels'] == 64
     assert inferred.get('num_classes', 1000) == 1000 and inferred['attention_resolutions'] == [8, 16, 32]
-    sd = {k: torch.empty(s) for k, s in shapes.items()}
-    loaded = adm.build_network(cls, inferred, sd, name)
-    assert all(p.data_ptr() == sd[k].data_ptr() for k, p in loaded.state_dict().items())
+    assert_full_size_layout(name, cls, kwargs, inferred)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -128,26 +122,23 @@ def test_full_size_layout(name, cls, infer):
 
 def tiny_unet(seed=0, model_channels=64, attention_resolutions=(1, 2), channel_mult=(1, 1)):
     torch.manual_seed(seed)
-    return unet_adm.UNetModel(image_size=32, model_channels=model_channels, out_channels=6, num_res_blocks=1,
+    return unet.UNetModel(image_size=32, model_channels=model_channels, out_channels=6, num_res_blocks=1,
                               attention_resolutions=attention_resolutions, channel_mult=channel_mult, num_classes=1000,
                               num_head_channels=64, use_scale_shift_norm=True, resblock_updown=True).eval()
 
 
 def tiny_classifier(seed=1, image_size=32):
     torch.manual_seed(seed)
-    return unet_adm.EncoderUNetModel(image_size=image_size, model_channels=32, out_channels=1000, num_res_blocks=2,
+    return unet.EncoderUNetModel(image_size=image_size, model_channels=32, out_channels=1000, num_res_blocks=2,
                                      attention_resolutions=(2,), channel_mult=(1, 2), num_head_channels=64,
                                      use_scale_shift_norm=True, resblock_updown=True, pool='attention').eval()
 
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('adm')
-    torch.save(tiny_unet().state_dict(), folder / 'tiny_diffusion.pt')
-    torch.save(tiny_classifier().state_dict(), folder / 'tiny_classifier.pt')
-    (folder / 'garbage.pt').write_bytes(b'<html>404</html>')
-    torch.save({'input_blocks.0.0.weight': torch.zeros(3)}, folder / 'other.pt')
-    return folder
+    return weight_files(tmp_path_factory.mktemp('adm'), tiny_diffusion=tiny_unet().state_dict(),
+                        tiny_classifier=tiny_classifier().state_dict(),
+                        other={'input_blocks.0.0.weight': torch.zeros(3)})
 
 
 def labels_of(model, idx):
@@ -248,7 +239,7 @@ def test_fp16_torso_on_cpu_module_level():
     x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     t, y = torch.tensor([10.5, 700.0]), torch.tensor([1, 2])
     with torch.no_grad():
-        a, b = ref(x, t, y), half(x, t, y)
+        a, b = ref(x, t, y=y), half(x, t, y=y)
     assert b.dtype == torch.float32
     assert (a - b).abs().max() < 2e-2 * a.abs().max()
 
@@ -284,26 +275,14 @@ def test_classifier_beside_model_and_explicit_path(files, tmp_path):
     (dict(model_path='missing.pt'), '--model_path'),
 ])
 def test_bad_options_and_files_are_one_line_user_errors(files, kwargs, flag):
-    kwargs = dict(kwargs)
-    kwargs['model_path'] = str(files / kwargs.get('model_path', 'tiny_diffusion.pt'))
-    with pytest.raises(UserError) as e:
-        models.load('imagenet256', device='cpu', **kwargs)
-    assert str(e.value).startswith(flag) and '\n' not in str(e.value)
+    kwargs = dict(kwargs, model_path=str(files / kwargs.get('model_path', 'tiny_diffusion.pt')))
+    assert_load_fails('imagenet256', flag, **kwargs)
 
 
 @pytest.fixture(scope='module')
 def server(files):
-    handler = functools.partial(_QuietHandler, directory=str(files))
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), handler)
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield f'http://127.0.0.1:{httpd.server_address[1]}/'
-    httpd.shutdown()
-    httpd.server_close()
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    with serve_folder(files) as url:
+        yield url
 
 
 def test_download_puts_both_files_in_src_cache(tmp_path, monkeypatch, server, files):
@@ -326,16 +305,6 @@ def test_download_puts_both_files_in_src_cache(tmp_path, monkeypatch, server, fi
 # ----------------------------------------------------------------------------------------------
 # sample.py end to end on a tiny checkpoint in the real on-disk format.
 
-def run_sample(args):
-    sample.main.main(args=[str(a) for a in args], standalone_mode=False)
-
-
-def check_images(outdir, n):
-    pngs = sorted(p for p in os.listdir(outdir) if p.endswith('.png'))
-    assert pngs == [f'{s:06d}.png' for s in range(n)]
-    assert len({open(os.path.join(outdir, p), 'rb').read() for p in pngs}) == n    # one image per seed
-
-
 def test_sample_cli_subprocess(files, tmp_path):
     """The real command line, with the default guidance (cg, rate 1): the classifier beside the file."""
     out = tmp_path / 'cli'
@@ -355,21 +324,16 @@ UNGUIDED = ['--dataset_name=imagenet256', '--guidance_rate=0', '--seeds=0-1']
 
 @pytest.mark.parametrize('solver', sorted(solvers.SOLVERS))
 def test_sample_every_solver(files, tmp_path, solver):
-    out = tmp_path / solver
-    run_sample([*UNGUIDED, f'--model_path={files / "tiny_diffusion.pt"}', '--batch=2', f'--solver={solver}',
-                '--num_steps=3', f'--outdir={out}'])
-    check_images(out, 2)
-    record = json.loads((out / 'run.json').read_text())
+    record = sample_images(tmp_path / solver, 2, *UNGUIDED, f'--model_path={files / "tiny_diffusion.pt"}',
+                           '--batch=2', f'--solver={solver}', '--num_steps=3')
     assert record['t_steps'][0] == pytest.approx(157.4073, rel=1e-5)     # the model's own range
 
 
 def test_sample_gits_with_discrete_schedule(files, tmp_path):
-    out = tmp_path / 'gits'
-    run_sample([*UNGUIDED, f'--model_path={files / "tiny_diffusion.pt"}', '--batch=4', '--solver=euler',
-                '--num_steps=4', '--dp=True', '--num_warmup=4', '--num_steps_tea=9', '--solver_tea=euler',
-                '--schedule_type=discrete', '--schedule_rho=1', f'--outdir={out}'])
-    check_images(out, 2)
-    record = json.loads((out / 'run.json').read_text())
+    record = sample_images(tmp_path / 'gits', 2, *UNGUIDED, f'--model_path={files / "tiny_diffusion.pt"}',
+                           '--batch=4', '--solver=euler', '--num_steps=4', '--dp=True', '--num_warmup=4',
+                           '--num_steps_tea=9', '--solver_tea=euler', '--schedule_type=discrete',
+                           '--schedule_rho=1')
     assert len(record['t_steps']) == 4 and record['search'] is not None
     # The searched points are teacher points: on the discrete grid of 9 points uniform in t.
     model = models.load('imagenet256', model_path=str(files / 'tiny_diffusion.pt'), guidance_rate=0)

@@ -1,23 +1,19 @@
 """lsun_bedroom (consistency-models EDM network): golden outputs of the reference network and
 denoiser, the full-size layout, the float16 file format, loading and sampling end to end."""
 
-import functools
-import http.server
-import json
 import math
 import os
-import threading
 
 import pytest
 import torch
 
 import models
-import sample
 import solvers
-from conftest import SPECS
 from dnnlib.util import UserError
-from helpers import assert_one_line_error, run_cli
-from models import adm, cm, unet_adm
+from helpers import (assert_full_size_layout, assert_golden_misses, assert_load_fails, assert_one_line_error,
+                     drop_path, golden_network, load_golden, read_spec, run_cli, sample_images, serve_folder,
+                     weight_files)
+from models import adm, cm, unet, unet_config
 
 # Same tolerance argument as tests/test_adm.py: float32 round-off of O(1) outputs.
 ATOL = 1e-5
@@ -26,23 +22,24 @@ CM_OPTIONS = dict(use_scale_shift_norm=False, resblock_updown=True, attention_ty
 
 @pytest.fixture(scope='module')
 def gold():
-    g = torch.load(os.path.join(SPECS, 'golden', 'cm_unet_edm.pt'), weights_only=True)
+    g = load_golden('cm_unet_edm')
     kwargs = {k: v for k, v in g['config']['resolved_constructor_kwargs'].items() if k != 'dtype_attr'}
     g['kwargs'] = dict(kwargs, **CM_OPTIONS)
     return g
 
 
 def golden_net(g, **overrides):
-    net = unet_adm.UNetModel(**dict(g['kwargs'], **overrides)).eval()
-    net.load_state_dict(g['state_dict'], strict=True)
-    return net
+    return golden_network(unet.UNetModel, dict(g['kwargs'], **overrides), g['state_dict'])
+
+
+@torch.no_grad()
+def unet_output(net, g):
+    return net(g['net_input'], g['rescaled_t'])
 
 
 def test_golden_unet_and_denoiser(gold):
     net = golden_net(gold)
-    with torch.no_grad():
-        out = net(gold['net_input'], gold['rescaled_t'])
-    torch.testing.assert_close(out, gold['model_output'], atol=ATOL, rtol=0)
+    torch.testing.assert_close(unet_output(net, gold), gold['model_output'], atol=ATOL, rtol=0)
     # The wrapper: EDM scalings with sigma_data 0.5 and time input 250 ln(sigma + 1e-44), one
     # noise level per call, so each golden row is checked on its own.
     model = cm.CMEDMModel(net)
@@ -58,14 +55,20 @@ def test_golden_unet_and_denoiser(gold):
 
 def test_golden_detects_legacy_layout_and_conv1d(gold):
     net = golden_net(gold, attention_type='legacy')
-    with torch.no_grad():
-        assert (net(gold['net_input'], gold['rescaled_t']) - gold['model_output']).abs().max() > 1000 * ATOL
+    assert (unet_output(net, gold) - gold['model_output']).abs().max() > 1000 * ATOL
     with pytest.raises(RuntimeError):       # guided-diffusion's 1-d attention convs do not fit the file
         golden_net(gold, attention_dims=1)
 
 
+@pytest.mark.parametrize('path', ['emb_layers', 'proj_out'])
+def test_golden_fails_without(gold, path):
+    """The timestep embedding of every ResBlock and the attention blocks matter to the golden output
+    (with 64 channels: the earlier 32-channel file's GroupNorm32 removed the embedding)."""
+    assert_golden_misses(unet_output(drop_path(golden_net(gold), path), gold), gold['model_output'], atol=ATOL)
+
+
 def test_infer_config_from_golden(gold):
-    cfg = unet_adm.infer_unet_config(gold['state_dict'], num_head_channels=16, attention_type='flash')
+    cfg = unet_config.infer_unet_config(gold['state_dict'], num_head_channels=16, attention_type='flash')
     ref = gold['kwargs']
     for key in ('model_channels', 'out_channels', 'num_res_blocks', 'attention_resolutions', 'channel_mult',
                 'num_classes', 'use_scale_shift_norm', 'resblock_updown', 'attention_dims'):
@@ -73,22 +76,12 @@ def test_infer_config_from_golden(gold):
 
 
 def test_full_size_layout():
-    with open(os.path.join(SPECS, 'cm-edm_bedroom256_ema.json')) as f:
-        spec = json.load(f)
-    shapes = {k: tuple(s) for k, s, _ in spec['state_dict_keys']}
+    spec, shapes = read_spec('cm-edm_bedroom256_ema')
     kwargs = {k: v for k, v in spec['constructor_kwargs'].items() if k != 'dtype_attr'}
-    with torch.device('meta'):
-        net = unet_adm.UNetModel(**kwargs, **CM_OPTIONS)
-    assert {k: tuple(v.shape) for k, v in net.state_dict().items()} == shapes
-    assert sum(v.numel() for v in net.state_dict().values()) == spec['num_parameters_and_buffers']
-    inferred = unet_adm.infer_unet_config(shapes, attention_type='flash')
+    inferred = unet_config.infer_unet_config(shapes, attention_type='flash')
     inferred['image_size'] = adm.image_size_from_attention(inferred)
     assert inferred['image_size'] == 256 and inferred['num_classes'] is None
-    with torch.device('meta'):
-        assert repr(unet_adm.UNetModel(**inferred)) == repr(net)
-    sd = {k: torch.empty(s) for k, s in shapes.items()}        # storage never written: no 2 GB touched
-    loaded = adm.build_network(unet_adm.UNetModel, inferred, sd, 'edm_bedroom256_ema.pt')
-    assert all(p.data_ptr() == sd[k].data_ptr() for k, p in loaded.state_dict().items())
+    assert_full_size_layout('cm-edm_bedroom256_ema', unet.UNetModel, dict(kwargs, **CM_OPTIONS), inferred)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,21 +89,18 @@ def test_full_size_layout():
 
 def tiny_cm(seed=0):
     torch.manual_seed(seed)
-    return unet_adm.UNetModel(image_size=32, model_channels=64, out_channels=3, num_res_blocks=1,
+    return unet.UNetModel(image_size=32, model_channels=64, out_channels=3, num_res_blocks=1,
                               attention_resolutions=(1, 2), channel_mult=(1, 1), num_head_channels=64,
                               **CM_OPTIONS).eval()
 
 
 @pytest.fixture(scope='module')
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp('cm')
-    torch.save({k: v.half() for k, v in tiny_cm().state_dict().items()}, folder / 'tiny_cm.pt')
-    (folder / 'garbage.pt').write_bytes(b'not a zip file')
     adm_like = {k: v for k, v in tiny_cm().state_dict().items()}
     adm_like['label_emb.weight'] = torch.zeros(10, 256)      # an unexpected key for this network
     adm_like.pop('out.2.bias')
-    torch.save(adm_like, folder / 'broken.pt')
-    return folder
+    released = {k: v.half() for k, v in tiny_cm().state_dict().items()}
+    return weight_files(tmp_path_factory.mktemp('cm'), tiny_cm=released, broken=adm_like)
 
 
 def test_fp16_file_is_upcast_and_computes_the_same_function(files):
@@ -137,23 +127,12 @@ def test_fp16_file_is_upcast_and_computes_the_same_function(files):
     (dict(model_path='missing.pt'), '--model_path'),
 ])
 def test_bad_options_and_files_are_one_line_user_errors(files, kwargs, flag):
-    kwargs = dict(kwargs)
-    kwargs['model_path'] = str(files / kwargs.get('model_path', 'tiny_cm.pt'))
-    with pytest.raises(UserError) as e:
-        models.load('lsun_bedroom', device='cpu', **kwargs)
-    assert str(e.value).startswith(flag) and '\n' not in str(e.value)
-
-
-class _QuietHandler(http.server.SimpleHTTPRequestHandler):
-    def log_message(self, *args):
-        pass
+    kwargs = dict(kwargs, model_path=str(files / kwargs.get('model_path', 'tiny_cm.pt')))
+    assert_load_fails('lsun_bedroom', flag, **kwargs)
 
 
 def test_download_into_src_cache(tmp_path, monkeypatch, files):
-    httpd = http.server.ThreadingHTTPServer(('127.0.0.1', 0), functools.partial(_QuietHandler, directory=str(files)))
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    base = f'http://127.0.0.1:{httpd.server_address[1]}/'
-    try:
+    with serve_folder(files) as base:
         monkeypatch.chdir(tmp_path)
         monkeypatch.setattr(cm, 'MODEL_URL', base + 'tiny_cm.pt')
         model = models.load('lsun_bedroom')
@@ -162,40 +141,22 @@ def test_download_into_src_cache(tmp_path, monkeypatch, files):
         with pytest.raises(UserError, match='--model_path: download of .*nothing.pt failed'):
             models.load('lsun_bedroom', model_path=base + 'nothing.pt')
         assert os.listdir(tmp_path / 'src' / 'lsun_bedroom') == ['tiny_cm.pt']     # no partial file
-    finally:
-        httpd.shutdown()
-        httpd.server_close()
 
 
 # ----------------------------------------------------------------------------------------------
 # sample.py end to end.
 
-def run_sample(args):
-    sample.main.main(args=[str(a) for a in args], standalone_mode=False)
-
-
-def check_images(outdir, n):
-    pngs = sorted(p for p in os.listdir(outdir) if p.endswith('.png'))
-    assert pngs == [f'{s:06d}.png' for s in range(n)]
-    assert len({open(os.path.join(outdir, p), 'rb').read() for p in pngs}) == n
-
-
 @pytest.mark.parametrize('solver', sorted(solvers.SOLVERS))
 def test_sample_every_solver(files, tmp_path, solver):
-    out = tmp_path / solver
-    run_sample(['--dataset_name=lsun_bedroom', f'--model_path={files / "tiny_cm.pt"}', '--seeds=0-1', '--batch=2',
-                f'--solver={solver}', '--num_steps=3', f'--outdir={out}'])
-    check_images(out, 2)
-    assert json.loads((out / 'run.json').read_text())['t_steps'][0] == 80.0
+    record = sample_images(tmp_path / solver, 2, '--dataset_name=lsun_bedroom', f'--model_path={files / "tiny_cm.pt"}',
+                           '--seeds=0-1', '--batch=2', f'--solver={solver}', '--num_steps=3')
+    assert record['t_steps'][0] == 80.0
 
 
 def test_sample_gits(files, tmp_path):
-    out = tmp_path / 'gits'
-    run_sample(['--dataset_name=lsun_bedroom', f'--model_path={files / "tiny_cm.pt"}', '--seeds=0-1', '--batch=4',
-                '--solver=euler', '--num_steps=4', '--dp=True', '--num_warmup=4', '--num_steps_tea=9',
-                '--solver_tea=euler', f'--outdir={out}'])
-    check_images(out, 2)
-    record = json.loads((out / 'run.json').read_text())
+    record = sample_images(tmp_path / 'gits', 2, '--dataset_name=lsun_bedroom', f'--model_path={files / "tiny_cm.pt"}',
+                           '--seeds=0-1', '--batch=4', '--solver=euler', '--num_steps=4', '--dp=True',
+                           '--num_warmup=4', '--num_steps_tea=9', '--solver_tea=euler')
     assert len(record['t_steps']) == 4 and record['t_steps'][0] == 80.0
     assert record['t_steps'][-1] == pytest.approx(0.002)
 

@@ -9,9 +9,7 @@ differences are float32 rounding (measured: <= 5e-6 on outputs of magnitude ~2).
 attention head count moves the UNet output by 0.25). VQ codebook indices must match exactly.
 """
 
-import json
 import os
-import pathlib
 import pickle
 import zipfile
 
@@ -21,33 +19,45 @@ import torch
 from PIL import Image
 
 import models
-from conftest import SPECS
 from dnnlib.util import UserError
-from helpers import assert_one_line_error, run_cli
+from helpers import (assert_golden_misses, assert_load_fails, assert_one_line_error, drop_path, golden_network,
+                     load_golden, read_spec, run_cli, small_release_config, spec_state_dict, write_release)
 from models import ldm
 from models.autoencoders import VQModel
 from models.discrete import scaled_linear_alphas_cumprod
-from models.unet_ldm import UNetModel
+from models.unet import UNetModel
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 
 
 @pytest.fixture(scope='module')
 def golden():
-    return torch.load(os.path.join(SPECS, 'golden', 'ldm_unet_vq.pt'), weights_only=True)
+    return load_golden('ldm_unet_vq')
+
+
+def golden_unet(golden):
+    return golden_network(UNetModel, golden['config']['unet_constructor_kwargs'], golden['unet_state_dict'])
 
 
 # ----------------------------------------------------------------------------------------------
 # Golden outputs.
 
 def test_golden_unet(golden):
-    unet = UNetModel(**golden['config']['unet_constructor_kwargs'])
-    unet.load_state_dict(golden['unet_state_dict'], strict=True)
+    unet = golden_unet(golden)
     with torch.no_grad():
         out = unet(golden['x'], golden['timesteps'])
         torch.testing.assert_close(out, golden['unet_output'], **TOL)
         # Fractional timesteps (used between integer steps) give the same function at integers.
         torch.testing.assert_close(unet(golden['x'], golden['timesteps'].float()), out, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize('path', ['emb_layers', 'proj_out'])
+def test_golden_unet_fails_without(golden, path):
+    """The timestep embedding of every ResBlock and the attention blocks matter to the golden output
+    (with 64 channels: the earlier 32-channel file's GroupNorm32 removed the embedding)."""
+    with torch.no_grad():
+        out = drop_path(golden_unet(golden), path)(golden['x'], golden['timesteps'])
+    assert_golden_misses(out, golden['unet_output'], **TOL)
 
 
 def test_golden_vq_encode_quantize_decode(golden):
@@ -65,22 +75,9 @@ def test_golden_vq_encode_quantize_decode(golden):
 # ----------------------------------------------------------------------------------------------
 # Full-size checkpoint layouts (random tensors in the spec's keys and shapes; no download).
 
-DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'int32': torch.int32, 'int64': torch.int64}
-
-
-def spec_state_dict(spec):
-    """Uninitialised tensors with exactly the spec's keys, shapes and dtypes (memory is only
-    reserved, never touched), plus the true schedule the loader checks against its config."""
-    sd = {k: torch.empty(shape, dtype=DTYPES[dtype]) for k, shape, dtype in spec['state_dict_keys']}
-    p = spec['model_config']['params']
-    sd['alphas_cumprod'] = torch.tensor(scaled_linear_alphas_cumprod(p['linear_start'], p['linear_end']),
-                                        dtype=torch.float32)
-    return sd
-
-
-@pytest.mark.parametrize('name', ['ldm-lsun_bedrooms.json', 'ldm-ffhq.json'])
+@pytest.mark.parametrize('name', ['ldm-lsun_bedrooms', 'ldm-ffhq'])
 def test_full_size_layout_loads_strict_with_ema(name):
-    spec = json.load(open(os.path.join(SPECS, name)))
+    spec, _ = read_spec(name)
     sd = spec_state_dict(spec)
     params = spec['model_config']['params']
     model = ldm.build_ldm(params, sd, name)          # strict=True inside; raises on any mismatch
@@ -104,36 +101,11 @@ def test_full_size_layout_loads_strict_with_ema(name):
 # ----------------------------------------------------------------------------------------------
 # Tiny checkpoints in the release layout: Lightning .ckpt + config.yaml (+ zip).
 
-class FakeModelCheckpoint:
-    """Stands for pytorch_lightning's callback class: Lightning 1.x keys the checkpoint's
-    'callbacks' dict by the callback *class*, which weights_only loading does not allow."""
-
-    def __init__(self):
-        self.best_model_path = pathlib.PurePosixPath('/logs/last.ckpt')
-
-
-def write_lightning_ckpt(path, state_dict):
-    torch.save({
-        'epoch': 7, 'global_step': 123456, 'pytorch-lightning_version': '1.4.2', 'state_dict': state_dict,
-        'callbacks': {FakeModelCheckpoint: {'best_model_score': torch.tensor(0.1),
-                                            'best_model_path': pathlib.PurePosixPath('/logs/last.ckpt')}},
-        'optimizer_states': [{'state': {}, 'param_groups': [{'lr': 2e-6, 'params': [0, 1]}]}],
-        'lr_schedulers': [], 'hparams': FakeModelCheckpoint(),
-    }, path)
-
-
-def write_config(path, cfg):
-    from omegaconf import OmegaConf
-    OmegaConf.save(OmegaConf.create(cfg), path)
-
-
 def tiny_ldm_config(golden):
-    cfg = json.loads(json.dumps(ldm.LDM_VQ4_CONFIG))
+    cfg = small_release_config(ldm.LDM_VQ4_CONFIG, golden, 'vq_constructor_kwargs')
     p = cfg['model']['params']
-    p.update(image_size=8, monitor='val/loss_simple_ema', first_stage_key='image', log_every_t=200)
-    p['unet_config']['params'] = dict(golden['config']['unet_constructor_kwargs'])
-    vq = dict(golden['config']['vq_constructor_kwargs'], ckpt_path='configs/first_stage_models/vq-f4/model.yaml')
-    p['first_stage_config']['params'] = vq
+    p.update(monitor='val/loss_simple_ema', first_stage_key='image', log_every_t=200)
+    p['first_stage_config']['params']['ckpt_path'] = 'configs/first_stage_models/vq-f4/model.yaml'
     cfg['data'] = {'target': 'main.DataModuleFromConfig', 'params': {'batch_size': 48}}   # training-only
     return cfg
 
@@ -157,8 +129,7 @@ def tiny_ldm_state_dict(golden):
 @pytest.fixture(scope='module')
 def tiny_ldm_dir(golden, tmp_path_factory):
     d = tmp_path_factory.mktemp('tiny_ldm')
-    write_lightning_ckpt(d / 'model.ckpt', tiny_ldm_state_dict(golden))
-    write_config(d / 'config.yaml', tiny_ldm_config(golden))
+    write_release(d, tiny_ldm_state_dict(golden), tiny_ldm_config(golden))
     with zipfile.ZipFile(d / 'release.zip', 'w') as z:       # the release zips hold both files
         z.write(d / 'model.ckpt', 'model.ckpt')
         z.write(d / 'config.yaml', 'config.yaml')
@@ -172,6 +143,22 @@ def test_lightning_ckpt_loads_weights_only(tiny_ldm_dir, golden):
     sd = ldm.load_state_dict(path)
     assert set(sd) == set(tiny_ldm_state_dict(golden))
     assert all(isinstance(v, torch.Tensor) for v in sd.values())
+
+
+@pytest.mark.parametrize('change,words', [
+    (dict(num_classes=10), 'num_classes=10'),                    # the wrappers pass no labels
+    (dict(channel_mult=[2, 2]), 'channel_mult'),                 # openaimodel's first conv differs
+    (dict(num_heads_upsample=2), 'num_heads_upsample'),
+    (dict(n_embed=64), 'n_embed'),
+    (dict(dims=3), '2-d'),
+    (dict(use_spatial_transformer=True), 'context_dim'),
+    (dict(sampler='ddim'), 'sampler'),                           # not an argument of the UNet
+])
+def test_unsupported_unet_config_is_a_user_error(golden, change, words):
+    params = dict(golden['config']['unet_constructor_kwargs'], **change)
+    with pytest.raises(UserError, match=f'^model.ckpt: the config describes an unsupported network: .*{words}') as e:
+        ldm.instantiate(ldm.ldm_unet, golden['unet_state_dict'], 'model.ckpt', **params)
+    assert '\n' not in str(e.value)
 
 
 def test_corrupt_ckpt_is_a_user_error(tmp_path):
@@ -207,18 +194,17 @@ def test_load_tiny_ldm_uses_ema_and_matches_golden(tiny_ldm_dir, golden, form, t
     torch.testing.assert_close(model.decode(golden['z']), golden['decoded'], **TOL)
 
 
-def test_guidance_and_option_errors(tiny_ldm_dir):
-    for bad in ('cfg', 'cg'):
-        with pytest.raises(UserError, match='--guidance_type'):
-            models.load('ffhq_ldm', model_path=str(tiny_ldm_dir), guidance_type=bad)
-    with pytest.raises(UserError, match='--guidance_rate'):
-        models.load('ffhq_ldm', model_path=str(tiny_ldm_dir), guidance_rate=2.0)
-    with pytest.raises(UserError, match='--prompt'):
-        models.load('ffhq_ldm', model_path=str(tiny_ldm_dir), prompt='a bedroom')
-    with pytest.raises(UserError, match='--use_fp16'):
-        models.load('ffhq_ldm', model_path=str(tiny_ldm_dir), use_fp16=True)   # CPU
-    with pytest.raises(UserError, match='does not exist'):
-        models.load('ffhq_ldm', model_path=str(tiny_ldm_dir / 'missing.ckpt'))
+@pytest.mark.parametrize('kwargs,error', [
+    (dict(guidance_type='cfg'), '--guidance_type'),
+    (dict(guidance_type='cg'), '--guidance_type'),
+    (dict(guidance_rate=2.0), '--guidance_rate'),
+    (dict(prompt='a bedroom'), '--prompt'),
+    (dict(use_fp16=True), '--use_fp16'),                 # on CPU
+    (dict(model_path='missing.ckpt'), '--model_path: .*does not exist'),
+])
+def test_bad_options_and_paths_are_one_line_user_errors(tiny_ldm_dir, kwargs, error):
+    kwargs = dict(kwargs, model_path=str(tiny_ldm_dir / kwargs.get('model_path', '')))
+    assert_load_fails('ffhq_ldm', error, **kwargs)
 
 
 def test_default_location_downloads_unpacks_and_reuses(tiny_ldm_dir, monkeypatch, tmp_path):

@@ -21,13 +21,13 @@ from PIL import Image
 import models
 from conftest import SPECS
 from dnnlib.util import UserError
-from helpers import assert_one_line_error, run_cli
+from helpers import (assert_golden_misses, assert_load_fails, assert_one_line_error, drop_path, golden_network,
+                     load_golden, read_spec, run_cli, small_release_config, spec_state_dict, write_release)
 from models import sd as sd_module
 from models.autoencoders import AutoencoderKL
 from models.clip_text import CLIPTextConfig, CLIPTextModel, tokenize
 from models.discrete import scaled_linear_alphas_cumprod
-from models.unet_ldm import UNetModel
-from test_ldm import spec_state_dict, write_config, write_lightning_ckpt
+from models.unet import UNetModel
 
 TOL = dict(atol=1e-4, rtol=1e-4)
 PROMPTS = ['a photo of a cat', 'a red bedroom with a large window', 'two dogs, 3 cats']
@@ -35,7 +35,11 @@ PROMPTS = ['a photo of a cat', 'a red bedroom with a large window', 'two dogs, 3
 
 @pytest.fixture(scope='module')
 def golden():
-    return torch.load(os.path.join(SPECS, 'golden', 'sd_unet_kl_clip.pt'), weights_only=True)
+    return load_golden('sd_unet_kl_clip')
+
+
+def golden_unet(golden):
+    return golden_network(UNetModel, golden['config']['unet_constructor_kwargs'], golden['unet_state_dict'])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -49,13 +53,21 @@ def test_golden_text_encoder(golden):
 
 
 def test_golden_unet_with_context(golden):
-    unet = UNetModel(**golden['config']['unet_constructor_kwargs'])
-    unet.load_state_dict(golden['unet_state_dict'], strict=True)
+    unet = golden_unet(golden)
     with torch.no_grad():
         out = unet(golden['x'], golden['timesteps'], golden['context'])
         torch.testing.assert_close(out, golden['unet_output'], **TOL)
         # The context matters (cross-attention is wired in).
         assert (unet(golden['x'], golden['timesteps'], golden['context'].flip(0)) - out).abs().max() > 1e-2
+
+
+# Each path matters to the golden output: the timestep embedding of every ResBlock, the spatial
+# transformers, and within them the cross-attention to the text.
+@pytest.mark.parametrize('path', ['emb_layers', 'proj_out', 'attn2'])
+def test_golden_unet_fails_without(golden, path):
+    with torch.no_grad():
+        out = drop_path(golden_unet(golden), path)(golden['x'], golden['timesteps'], golden['context'])
+    assert_golden_misses(out, golden['unet_output'], **TOL)
 
 
 def test_golden_kl_encode_decode(golden):
@@ -97,7 +109,7 @@ def test_tokenizer_ids_and_eos_padding():
 # Full-size layout: the v1 checkpoint's keys and shapes load strictly into our modules.
 
 def test_full_size_layout_loads_strict():
-    spec = json.load(open(os.path.join(SPECS, 'sd-v1.json')))
+    spec, _ = read_spec('sd-v1')
     sd = spec_state_dict(spec)
     for key, *_ in spec['keys_in_released_checkpoint_not_in_module_state_dict']:
         sd[key] = torch.arange(77)[None]                      # position_ids of the released ckpt
@@ -138,12 +150,8 @@ def test_ldm_builtin_config_matches_release_yaml():
 # size (so that open_clip's token ids fit).
 
 def tiny_sd_config(golden):
-    cfg = copy.deepcopy(sd_module.V1_CONFIG)
-    p = cfg['model']['params']
-    p['image_size'] = 8
-    p['unet_config']['params'] = dict(golden['config']['unet_constructor_kwargs'])
-    p['first_stage_config']['params'] = dict(golden['config']['autoencoderkl_constructor_kwargs'])
-    p['cond_stage_config']['params'] = {'text_config': {'num_attention_heads': 2}}
+    cfg = small_release_config(sd_module.V1_CONFIG, golden, 'autoencoderkl_constructor_kwargs')
+    cfg['model']['params']['cond_stage_config']['params'] = {'text_config': {'num_attention_heads': 2}}
     return cfg
 
 
@@ -162,8 +170,7 @@ def tiny_sd_state_dict(golden):
 @pytest.fixture(scope='module')
 def tiny_sd_dir(golden, tmp_path_factory):
     d = tmp_path_factory.mktemp('tiny_sd')
-    write_lightning_ckpt(d / 'model.ckpt', tiny_sd_state_dict(golden))
-    write_config(d / 'config.yaml', tiny_sd_config(golden))
+    write_release(d, tiny_sd_state_dict(golden), tiny_sd_config(golden))
     (d / 'prompts.txt').write_text('\n'.join(PROMPTS) + '\n')
     return d
 
@@ -238,16 +245,18 @@ def test_prompts_per_seed(tiny_sd_dir, tmp_path):
     assert single.image_info(12345) == {'prompt': 'a bedroom'}
 
 
-def test_option_errors(tiny_sd_dir):
-    for bad in ('cg', 'uncond'):
-        with pytest.raises(UserError, match='--guidance_type'):
-            load_tiny(tiny_sd_dir, guidance_type=bad)
-    with pytest.raises(UserError, match='--prompt'):
-        models.load('ms_coco', model_path=str(tiny_sd_dir))
-    with pytest.raises(UserError, match='--prompt'):
-        load_tiny(tiny_sd_dir, prompt='both given')
-    with pytest.raises(UserError, match='--prompt_file'):
-        load_tiny(tiny_sd_dir, prompt_file=str(tiny_sd_dir / 'missing.txt'))
+@pytest.mark.parametrize('kwargs,error', [
+    (dict(guidance_type='cg'), '--guidance_type'),
+    (dict(guidance_type='uncond'), '--guidance_type'),
+    (dict(prompt_file=None), '--prompt'),                                 # neither prompt nor file
+    (dict(prompt='both given'), '--prompt'),
+    (dict(prompt_file='missing.txt'), '--prompt_file'),
+])
+def test_bad_options_are_one_line_user_errors(tiny_sd_dir, kwargs, error):
+    kwargs = dict(kwargs)
+    prompt_file = kwargs.pop('prompt_file', 'prompts.txt')
+    assert_load_fails('ms_coco', error, model_path=str(tiny_sd_dir),
+                      prompt_file=prompt_file and str(tiny_sd_dir / prompt_file), **kwargs)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -1,31 +1,35 @@
-"""The guided-diffusion UNet family (ADM): `UNetModel` and the noisy-image classifier
-`EncoderUNetModel`, written to load the released plain state dicts with strict=True and to
-compute the same function as openai/guided-diffusion. The consistency-models UNet
-(openai/consistency_models) is the same network with two differences, both options here:
+"""The guided-diffusion UNet family, its blocks written once. One `UNetModel` is
+openai/guided-diffusion's UNet (ADM), openai/consistency_models' UNet (CM) and CompVis
+latent-diffusion's `openaimodel.UNetModel` (LDM, and Stable Diffusion v1 with spatial
+transformers); `EncoderUNetModel` is guided-diffusion's noisy-image classifier. Parameter names
+are the reference ones, so the released state dicts load with strict=True. Where the references
+differ, an option chooses:
 
 * `attention_type`: how the qkv projection's 3*C channels split into q, k, v.
-  'legacy' (guided-diffusion default): heads outermost, then (q|k|v), then head_dim.
+  'legacy' (guided-diffusion and LDM default): heads outermost, then (q|k|v), then head_dim.
   'new' (use_new_attention_order) and 'flash' (consistency models): (q|k|v) outermost, then
   heads, then head_dim. Both use softmax(q.k / sqrt(head_dim)).
-* `attention_dims`: 1 -> qkv/proj_out are Conv1d (weights [O, I, 1], guided-diffusion);
+* `attention_dims`: 1 -> qkv/proj_out are Conv1d (weights [O, I, 1], guided-diffusion, LDM);
   2 -> Conv2d (weights [O, I, 1, 1], consistency models).
+* `use_spatial_transformer` (SD): SpatialTransformer layers (models/spatial_transformer.py),
+  which attend to a text `context`, in place of the attention blocks; `legacy` is LDM's
+  head-size quirk for them.
 
 Mixed precision follows guided-diffusion's `convert_to_fp16`: the convolutions of the torso
 (input_blocks, middle_block, output_blocks) hold float16 weights and the activations between
 them are float16, while the timestep/label embeddings, every GroupNorm (computed in float32)
 and the output head stay float32. Weights are never zero-initialised here: they always come
-from a checkpoint.
-
-`infer_unet_config` / `infer_encoder_config` recover the constructor arguments from a state
-dict's key names and shapes, so small checkpoints of the same family load without a config.
+from a checkpoint. Attention goes through `F.scaled_dot_product_attention`: the references'
+explicit softmax up to float rounding, with memory-efficient kernels on GPUs.
 """
 
 import math
-import re
 
 import torch
 from torch import nn
 from torch.nn import functional as F
+
+from .spatial_transformer import SpatialTransformer
 
 # ----------------------------------------------------------------------------------------------
 # Building blocks.
@@ -58,12 +62,12 @@ def conv_nd(dims, *args, **kwargs):
 
 
 class Upsample(nn.Module):
-    """Nearest-neighbour x2, then an optional 3x3 conv (key `conv`)."""
+    """Nearest-neighbour x2, then (use_conv) a 3x3 conv (key `conv`)."""
 
-    def __init__(self, channels, use_conv, out_channels=None):
+    def __init__(self, channels, use_conv=True):
         super().__init__()
         if use_conv:
-            self.conv = nn.Conv2d(channels, out_channels or channels, 3, padding=1)
+            self.conv = nn.Conv2d(channels, channels, 3, padding=1)
         self.use_conv = use_conv
 
     def forward(self, x):
@@ -74,9 +78,9 @@ class Upsample(nn.Module):
 class Downsample(nn.Module):
     """Strided 3x3 conv (key `op`) or 2x2 average pooling."""
 
-    def __init__(self, channels, use_conv, out_channels=None):
+    def __init__(self, channels, use_conv=True):
         super().__init__()
-        self.op = nn.Conv2d(channels, out_channels or channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
+        self.op = nn.Conv2d(channels, channels, 3, stride=2, padding=1) if use_conv else nn.AvgPool2d(2)
 
     def forward(self, x):
         return self.op(x)
@@ -96,6 +100,7 @@ class ResBlock(nn.Module):
         self.resample = Upsample(channels, False) if up else Downsample(channels, False) if down else nn.Identity()
         emb_out = out_channels * (2 if use_scale_shift_norm else 1)       # scale and shift, or a bias
         self.emb_layers = nn.Sequential(nn.SiLU(), nn.Linear(emb_channels, emb_out))
+        # Index 2 is the (inactive at sampling) dropout; kept so the keys read out_layers.3.
         self.out_layers = nn.Sequential(GroupNorm32(out_channels), nn.SiLU(), nn.Dropout(0.0),
                                         nn.Conv2d(out_channels, out_channels, 3, padding=1))
         self.use_scale_shift_norm = use_scale_shift_norm
@@ -144,6 +149,8 @@ def attention(qkv, heads, attention_type):
 
 
 class AttentionBlock(nn.Module):
+    """Self-attention over pixels: GroupNorm, 1x1 `qkv`, multi-head attention, 1x1 `proj_out`, residual."""
+
     def __init__(self, channels, num_heads=1, num_head_channels=-1, attention_type='legacy', attention_dims=1):
         super().__init__()
         if num_head_channels != -1:
@@ -158,7 +165,7 @@ class AttentionBlock(nn.Module):
         self.qkv = conv_nd(attention_dims, channels, 3 * channels, 1)
         self.proj_out = conv_nd(attention_dims, channels, channels, 1)
 
-    def forward(self, x, emb=None):
+    def forward(self, x):
         b, c = x.shape[:2]
         inp = x if self.qkv.weight.ndim == 4 else x.reshape(b, c, -1)
         qkv = self.qkv(self.norm(inp)).reshape(b, 3 * c, -1)
@@ -186,12 +193,18 @@ class AttentionPool2d(nn.Module):
         return self.c_proj(x)[:, :, 0]
 
 
-class TimestepSequential(nn.Sequential):
-    """A block of layers; ResBlocks and attention take the embedding, others only x."""
+class EmbedSequential(nn.Sequential):
+    """A block of layers, each given what it takes: ResBlocks the timestep embedding, spatial
+    transformers the text context, the others only x."""
 
-    def forward(self, x, emb):
+    def forward(self, x, emb, context=None):
         for layer in self:
-            x = layer(x, emb) if isinstance(layer, (ResBlock, AttentionBlock)) else layer(x)
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context)
+            else:
+                x = layer(x)
         return x
 
 
@@ -201,39 +214,36 @@ class TimestepSequential(nn.Sequential):
 
 class _Torso(nn.Module):
     """What UNetModel and EncoderUNetModel share: the time embedding, the encoder half
-    (input_blocks) and the middle block, plus the float16 conversion of the torso."""
+    (input_blocks) and the middle block, plus the float16 conversion of the torso.
+    `attention(ch)` builds the attention layer of a level with ch channels."""
 
     torso_names = ('input_blocks', 'middle_block')
 
     def _build_encoder(self, in_channels, model_channels, num_res_blocks, attention_resolutions, channel_mult,
-                       conv_resample, num_heads, num_head_channels, use_scale_shift_norm, resblock_updown,
-                       attention_type, attention_dims):
+                       conv_resample, use_scale_shift_norm, resblock_updown, attention):
         self.model_channels = model_channels
         emb_ch = model_channels * 4
         self.time_embed = nn.Sequential(nn.Linear(model_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
         res = dict(emb_channels=emb_ch, use_scale_shift_norm=use_scale_shift_norm)
-        self.attn_kwargs = attn = dict(num_head_channels=num_head_channels, attention_type=attention_type,
-                                       attention_dims=attention_dims)
         ch = int(channel_mult[0] * model_channels)
         self.input_ch = ch
-        blocks = [TimestepSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
+        blocks = [EmbedSequential(nn.Conv2d(in_channels, ch, 3, padding=1))]
         chans, ds = [ch], 1
         for level, mult in enumerate(channel_mult):
             for _ in range(num_res_blocks):
                 layers = [ResBlock(ch, out_channels=int(mult * model_channels), **res)]
                 ch = int(mult * model_channels)
                 if ds in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads=num_heads, **attn))
-                blocks.append(TimestepSequential(*layers))
+                    layers.append(attention(ch))
+                blocks.append(EmbedSequential(*layers))
                 chans.append(ch)
             if level != len(channel_mult) - 1:
                 down = ResBlock(ch, down=True, **res) if resblock_updown else Downsample(ch, conv_resample)
-                blocks.append(TimestepSequential(down))
+                blocks.append(EmbedSequential(down))
                 chans.append(ch)
                 ds *= 2
         self.input_blocks = nn.ModuleList(blocks)
-        self.middle_block = TimestepSequential(ResBlock(ch, **res), AttentionBlock(ch, num_heads=num_heads, **attn),
-                                               ResBlock(ch, **res))
+        self.middle_block = EmbedSequential(ResBlock(ch, **res), attention(ch), ResBlock(ch, **res))
         return ch, chans, ds
 
     def convert_to_fp16(self):
@@ -254,9 +264,17 @@ class _Torso(nn.Module):
         return self.time_embed(emb.to(self.time_embed[0].weight.dtype))
 
 
+def _attention_type(attention_type, use_new_attention_order):
+    return attention_type or ('new' if use_new_attention_order else 'legacy')
+
+
 class UNetModel(_Torso):
-    """guided-diffusion `UNetModel` (also consistency-models `UNetModel`). `attention_resolutions`
-    are downsample factors (ds = image_size // resolution), as the class takes them."""
+    """The denoising UNet. Arguments are the union of guided-diffusion's and latent-diffusion's
+    (`unet_config.params` of an LDM/SD config) plus attention_type/attention_dims (see the module
+    docstring). `attention_resolutions` are downsample factors (ds = image_size // resolution), as
+    the reference classes take them. The first conv has channel_mult[0] * model_channels
+    outputs, as in guided-diffusion (latent-diffusion: model_channels, the same only when
+    channel_mult[0] = 1, which models/ldm.py requires)."""
 
     torso_names = ('input_blocks', 'middle_block', 'output_blocks')
 
@@ -264,18 +282,36 @@ class UNetModel(_Torso):
                  attention_resolutions=(), dropout=0.0, channel_mult=(1, 2, 4, 8), conv_resample=True, dims=2,
                  num_classes=None, use_checkpoint=False, use_fp16=False, num_heads=1, num_head_channels=-1,
                  num_heads_upsample=-1, use_scale_shift_norm=False, resblock_updown=False,
-                 use_new_attention_order=False, attention_type=None, attention_dims=1):
+                 use_new_attention_order=False, use_spatial_transformer=False, transformer_depth=1,
+                 context_dim=None, n_embed=None, legacy=True, attention_type=None, attention_dims=1):
         super().__init__()
         if dims != 2:
             raise ValueError('only 2-d UNets are supported')
+        if n_embed is not None:
+            raise ValueError('n_embed (predicting codebook ids) is not supported')
+        if use_spatial_transformer and context_dim is None:
+            raise ValueError('use_spatial_transformer needs context_dim')
         del dropout, use_checkpoint                      # training-only options
-        attention_type = attention_type or ('new' if use_new_attention_order else 'legacy')
+        attention_type = _attention_type(attention_type, use_new_attention_order)
         num_heads_upsample = num_heads if num_heads_upsample == -1 else num_heads_upsample
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
         self.num_classes = num_classes
+        self.use_spatial_transformer = use_spatial_transformer
+
+        def attention_layer(ch, heads=num_heads):
+            if not use_spatial_transformer:
+                return AttentionBlock(ch, heads, num_head_channels, attention_type, attention_dims)
+            # openaimodel's head arithmetic (always num_heads, never num_heads_upsample), with its
+            # `legacy` quirk on the head size.
+            if num_head_channels == -1:
+                heads, dim_head = num_heads, ch // num_heads
+            else:
+                heads, dim_head = ch // num_head_channels, num_head_channels
+            return SpatialTransformer(ch, heads, ch // heads if legacy else dim_head, transformer_depth, context_dim)
+
         ch, chans, ds = self._build_encoder(in_channels, model_channels, num_res_blocks, attention_resolutions,
-                                            channel_mult, conv_resample, num_heads, num_head_channels,
-                                            use_scale_shift_norm, resblock_updown, attention_type, attention_dims)
+                                            channel_mult, conv_resample, use_scale_shift_norm, resblock_updown,
+                                            attention_layer)
         if num_classes is not None:
             self.label_emb = nn.Embedding(num_classes, model_channels * 4)
         res = dict(emb_channels=model_channels * 4, use_scale_shift_norm=use_scale_shift_norm)
@@ -285,29 +321,33 @@ class UNetModel(_Torso):
                 layers = [ResBlock(ch + chans.pop(), out_channels=int(model_channels * mult), **res)]
                 ch = int(model_channels * mult)
                 if ds in attention_resolutions:
-                    layers.append(AttentionBlock(ch, num_heads=num_heads_upsample, **self.attn_kwargs))
+                    layers.append(attention_layer(ch, num_heads_upsample))
                 if level and i == num_res_blocks:
                     layers.append(ResBlock(ch, up=True, **res) if resblock_updown else Upsample(ch, conv_resample))
                     ds //= 2
-                blocks.append(TimestepSequential(*layers))
+                blocks.append(EmbedSequential(*layers))
         self.output_blocks = nn.ModuleList(blocks)
         self.out = nn.Sequential(GroupNorm32(ch), nn.SiLU(), nn.Conv2d(self.input_ch, out_channels, 3, padding=1))
         if use_fp16:
             self.convert_to_fp16()
 
-    def forward(self, x, timesteps, y=None):
+    def forward(self, x, timesteps, context=None, y=None):
+        """x [B, C, H, W], timesteps [B] (float allowed: fractional steps), context [B, L, D] (SD),
+        y [B] int64 class indices (class-conditional models)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError('pass y (int64 class indices) exactly when the model is class-conditional')
+        if self.use_spatial_transformer and context is None:
+            raise ValueError('this UNet needs a text context')
         emb = self._embed(timesteps)
         if y is not None:
             emb = emb + self.label_emb(y)
         hs, h = [], x.to(self.dtype)
         for block in self.input_blocks:
-            h = block(h, emb)
+            h = block(h, emb, context)
             hs.append(h)
-        h = self.middle_block(h, emb)
+        h = self.middle_block(h, emb, context)
         for block in self.output_blocks:
-            h = block(torch.cat([h, hs.pop()], dim=1), emb)
+            h = block(torch.cat([h, hs.pop()], dim=1), emb, context)
         return self.out(h.to(x.dtype))
 
 
@@ -324,11 +364,12 @@ class EncoderUNetModel(_Torso):
         if dims != 2:
             raise ValueError('only 2-d classifiers are supported')
         del dropout, use_checkpoint, num_heads_upsample
-        attention_type = attention_type or ('new' if use_new_attention_order else 'legacy')
+        attention_type = _attention_type(attention_type, use_new_attention_order)
         self.image_size, self.in_channels, self.out_channels = image_size, in_channels, out_channels
-        ch, _, ds = self._build_encoder(in_channels, model_channels, num_res_blocks, attention_resolutions,
-                                        channel_mult, conv_resample, num_heads, num_head_channels,
-                                        use_scale_shift_norm, resblock_updown, attention_type, attention_dims)
+        ch, _, ds = self._build_encoder(
+            in_channels, model_channels, num_res_blocks, attention_resolutions, channel_mult, conv_resample,
+            use_scale_shift_norm, resblock_updown,
+            lambda ch: AttentionBlock(ch, num_heads, num_head_channels, attention_type, attention_dims))
         if pool == 'attention':
             if num_head_channels == -1:
                 raise ValueError("pool='attention' needs num_head_channels")
@@ -348,97 +389,3 @@ class EncoderUNetModel(_Torso):
             h = block(h, emb)
         h = self.middle_block(h, emb)
         return self.out(h.to(x.dtype))
-
-
-# ----------------------------------------------------------------------------------------------
-# Configs from state dicts. Everything that shapes a parameter is recoverable from the key names
-# and shapes; the head size and the qkv layout are not (they shape no parameter) and come from
-# the caller (the family's released flags).
-
-
-def _shapes(state_dict):
-    return {k: tuple(v.shape) if hasattr(v, 'shape') else tuple(v) for k, v in state_dict.items()}
-
-
-def _count(shapes, prefix):
-    pat = re.compile(re.escape(prefix) + r'\.(\d+)\.')
-    return 1 + max((int(m.group(1)) for k in shapes for m in [pat.match(k)] if m), default=-1)
-
-
-def _has(shapes, prefix):
-    return any(k.startswith(prefix + '.') for k in shapes)
-
-
-def _encoder_structure(shapes, num_levels, num_res_blocks):
-    """channel_mult, attention ds, resblock_updown, conv_resample from input_blocks."""
-    mc = shapes['time_embed.0.weight'][1]
-    mult, attn, updown, conv_resample = [], [], False, True
-    i, ds = 1, 1
-    for level in range(num_levels):
-        for _ in range(num_res_blocks):
-            out = shapes[f'input_blocks.{i}.0.in_layers.2.weight'][0]
-            has_attn = _has(shapes, f'input_blocks.{i}.1')
-            i += 1
-        mult.append(out // mc)
-        if has_attn:
-            attn.append(ds)
-        if level != num_levels - 1:
-            updown = _has(shapes, f'input_blocks.{i}.0.in_layers')
-            conv_resample = updown or _has(shapes, f'input_blocks.{i}.0.op')
-            i += 1
-            ds *= 2
-    return dict(model_channels=mc, channel_mult=mult, attention_resolutions=attn, resblock_updown=updown,
-                conv_resample=conv_resample)
-
-
-def _common(shapes):
-    first = 'input_blocks.1.0.emb_layers.1.weight'
-    out = shapes['input_blocks.1.0.in_layers.2.weight'][0]
-    qkv = [s for k, s in shapes.items() if k.endswith('.qkv.weight')]
-    return dict(in_channels=shapes['input_blocks.0.0.weight'][1],
-                use_scale_shift_norm=shapes[first][0] == 2 * out,
-                attention_dims=(len(qkv[0]) - 2) if qkv else 1)
-
-
-def _has_upsampler(shapes, i):
-    """Output block i ends with an upsampler: a layer after the ResBlock that is not attention."""
-    return any(_has(shapes, f'output_blocks.{i}.{j}') and not _has(shapes, f'output_blocks.{i}.{j}.qkv')
-               for j in (1, 2))
-
-
-def infer_unet_config(state_dict, num_head_channels=64, attention_type='legacy'):
-    """UNetModel kwargs from a state dict (or a name -> shape dict). The number of res blocks
-    per level comes from the decoder: each level has num_res_blocks + 1 output blocks, the last
-    of which (except at the top level) carries the upsampler."""
-    shapes = _shapes(state_dict)
-    num_out = _count(shapes, 'output_blocks')
-    ups = [i for i in range(num_out) if _has_upsampler(shapes, i)]
-    num_res_blocks = ups[0] if ups else num_out - 1          # one level: no upsampler at all
-    num_levels = num_out // (num_res_blocks + 1)
-    cfg = _encoder_structure(shapes, num_levels, num_res_blocks)
-    cfg.update(_common(shapes), num_res_blocks=num_res_blocks, out_channels=shapes['out.2.weight'][0],
-               num_classes=shapes['label_emb.weight'][0] if 'label_emb.weight' in shapes else None,
-               num_head_channels=num_head_channels, attention_type=attention_type)
-    return cfg
-
-
-def infer_encoder_config(state_dict, num_res_blocks=2, num_head_channels=64, attention_type='legacy'):
-    """EncoderUNetModel kwargs from a state dict. The encoder alone cannot tell a downsampling
-    ResBlock from a plain one, so the depth (guided-diffusion's classifier_depth, 2 in every
-    released classifier) is given; the image size follows from the attention pool's positional
-    embedding (one token per position at the lowest resolution, plus the mean token)."""
-    shapes = _shapes(state_dict)
-    num_in = _count(shapes, 'input_blocks')
-    if num_in % (num_res_blocks + 1):
-        raise ValueError(f'{num_in} input blocks do not fit classifier depth {num_res_blocks}')
-    num_levels = num_in // (num_res_blocks + 1)
-    cfg = _encoder_structure(shapes, num_levels, num_res_blocks)
-    cfg.update(_common(shapes), num_res_blocks=num_res_blocks, num_head_channels=num_head_channels,
-               attention_type=attention_type)
-    if 'out.2.positional_embedding' in shapes:
-        side = math.isqrt(shapes['out.2.positional_embedding'][1] - 1)
-        cfg.update(pool='attention', out_channels=shapes['out.2.c_proj.weight'][0],
-                   image_size=side * 2 ** (num_levels - 1))
-    else:
-        cfg.update(pool='adaptive', out_channels=shapes['out.3.weight'][0], image_size=None)
-    return cfg
