@@ -17,7 +17,6 @@ preset takes `steps` evaluations with a one-evaluation solver, as in ComfyUI; ad
 form back (the same list with its last value 0).
 """
 
-import math
 import re
 
 import numpy as np

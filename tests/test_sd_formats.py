@@ -12,11 +12,10 @@ blocks' weights moves the outputs by 0.08-1.6).
 """
 
 import json
-import math
 import os
 import shutil
+import sys
 
-import numpy as np
 import pytest
 import safetensors.torch
 import torch
@@ -33,6 +32,9 @@ from models.unet_ldm import UNetModel
 from test_ldm import tiny_ldm_config, tiny_ldm_state_dict, write_config, write_lightning_ckpt
 from test_sd import PROMPTS, tiny_sd_config, tiny_sd_state_dict
 
+sys.path.insert(0, os.path.join(ROOT, 'tests', 'data'))
+from make_diffusers_layout import inputs as golden_inputs, weight_values  # noqa: E402  (no diffusers import)
+
 LAYOUT = json.load(open(os.path.join(ROOT, 'tests', 'data', 'diffusers_sd_layout.json')))
 TOL = dict(atol=1e-4, rtol=1e-4)
 UNET, VAE, TEXT = (diffusers_sd.CKPT_PREFIX[p] for p in ('unet', 'vae', 'text_encoder'))
@@ -41,21 +43,6 @@ UNET, VAE, TEXT = (diffusers_sd.CKPT_PREFIX[p] for p in ('unet', 'vae', 'text_en
 @pytest.fixture(scope='module')
 def golden():
     return torch.load(os.path.join(SPECS, 'golden', 'sd_unet_kl_clip.pt'), weights_only=True)
-
-
-def weight_values(index, shape):
-    """make_diffusers_layout.py's deterministic weights: PCG64's raw stream seeded by the key's
-    index in sorted order, uniform with variance 1/fan-in."""
-    n = math.prod(shape)
-    fan_in = math.prod(shape[1:]) if len(shape) > 1 else 1
-    u = (np.random.PCG64(index).random_raw(n) >> np.uint64(11)).astype(np.float64) / 2.0 ** 53
-    return torch.from_numpy((2 * u - 1) * math.sqrt(3 / fan_in)).reshape(shape).float()
-
-
-def golden_inputs():
-    ramp = lambda n, a: torch.sin(torch.arange(n, dtype=torch.float64) * a).float()
-    return dict(x=ramp(2 * 4 * 8 * 8, 0.37).reshape(2, 4, 8, 8) * 2, t=torch.tensor([10.0, 700.5]),
-                context=ramp(2 * 77 * 32, 0.11).reshape(2, 77, 32), z=ramp(2 * 4 * 8 * 8, 0.23).reshape(2, 4, 8, 8))
 
 
 def unet_mapping(cfg):
@@ -96,22 +83,22 @@ def test_full_size_diffusers_layout_maps_onto_the_ckpt_layout():
     assert dict(vae['ddconfig'], resolution=256) == v1['first_stage_config']['params']['ddconfig']
 
 
+def tiny_module(part, mapping, cls):
+    """Our module for a tiny diffusers config, loaded with make_diffusers_layout's weights under
+    diffusers' names through the mapping."""
+    shapes = dict(map(tuple, LAYOUT['keys'][f'tiny_{part}']))
+    weights = {k: weight_values(i, tuple(shapes[k])) for i, k in enumerate(sorted(shapes))}
+    params, table = mapping(LAYOUT['configs'][f'tiny_{part}'])
+    module = cls(**params).eval()
+    module.load_state_dict(diffusers_sd.rename(weights, table, 'test'), strict=True)
+    return module
+
+
 def test_tiny_diffusers_modules_match_diffusers_outputs():
     """Our UNet and decoder, given diffusers-named weights through the mapping, compute what
     diffusers' own modules computed with them."""
     x = golden_inputs()
-    unet_keys = sorted(k for k, _ in LAYOUT['keys']['tiny_unet'])
-    shapes = dict(map(tuple, LAYOUT['keys']['tiny_unet']))
-    params, table = unet_mapping(LAYOUT['configs']['tiny_unet'])
-    unet = UNetModel(**params).eval()
-    unet.load_state_dict(diffusers_sd.rename({k: weight_values(i, tuple(shapes[k])) for i, k in enumerate(unet_keys)},
-                                             table, 'test'), strict=True)
-    vae_keys = sorted(k for k, _ in LAYOUT['keys']['tiny_vae'])
-    shapes = dict(map(tuple, LAYOUT['keys']['tiny_vae']))
-    params, table = vae_mapping(LAYOUT['configs']['tiny_vae'])
-    vae = AutoencoderKL(**params).eval()
-    vae.load_state_dict(diffusers_sd.rename({k: weight_values(i, tuple(shapes[k])) for i, k in enumerate(vae_keys)},
-                                            table, 'test'), strict=True)
+    unet, vae = tiny_module('unet', unet_mapping, UNetModel), tiny_module('vae', vae_mapping, AutoencoderKL)
     with torch.no_grad():
         torch.testing.assert_close(unet(x['x'], x['t'], x['context']), torch.tensor(LAYOUT['golden']['unet']), **TOL)
         torch.testing.assert_close(vae.decode(x['z']), torch.tensor(LAYOUT['golden']['vae_decode']), **TOL)

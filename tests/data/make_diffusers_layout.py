@@ -10,7 +10,7 @@ The file holds, for diffusers' own UNet2DConditionModel and AutoencoderKL:
 - `keys`: state_dict names and shapes for the released SD v1.5 configs (unet/config.json and
   vae/config.json of runwayml/stable-diffusion-v1-5) and for two tiny configs of the same blocks;
 - `golden`: outputs of the tiny diffusers modules with deterministic weights (`weight_values`,
-  reproduced by tests/test_sd_formats.py) on deterministic inputs: UNet(x, t, context) and VAE decode(z).
+  imported by tests/test_sd_formats.py) on deterministic inputs: UNet(x, t, context) and VAE decode(z).
 """
 
 import json
@@ -19,7 +19,6 @@ import os
 
 import numpy as np
 import torch
-from diffusers import AutoencoderKL, UNet2DConditionModel
 
 SD15_UNET = {
     '_class_name': 'UNet2DConditionModel', 'act_fn': 'silu', 'attention_head_dim': 8,
@@ -71,6 +70,7 @@ def deterministic(module):
 
 
 def main():
+    from diffusers import AutoencoderKL, UNet2DConditionModel     # here only: the tests import this file
     with torch.device('meta'):
         full = {'sd15_unet': key_list(UNet2DConditionModel(**kwargs(SD15_UNET))),
                 'sd15_vae': key_list(AutoencoderKL(**kwargs(SD15_VAE)))}
