@@ -1,6 +1,6 @@
 """Published SD schedules against a GITS schedule searched here, on the exact analytic models (issue 17).
 
-    python benchmarks/presets.py                   # gmm and digits, NFE 5/6/8/10; a few minutes on 2 CPU cores
+    python benchmarks/presets.py                   # gmm and digits, NFE 5/6/8/10; ~25 minutes on 2 CPU cores
     python benchmarks/presets.py --models=digits --solvers=euler --num_eval=256
 
 Every schedule spans the presets' sigma range, SD's 14.6146 down to 0.0292 (inside the analytic
