@@ -44,7 +44,7 @@ import json
 import os
 
 from dnnlib.util import UserError
-from .clip_text import _bpe
+from .clip_text import vocabulary
 from .weights import read_state_dict
 
 PARTS = ('unet', 'vae', 'text_encoder', 'scheduler')
@@ -281,7 +281,7 @@ def check_tokenizer(folder):
         return
     where = f'--model_path: "{path}"'
     vocab = _read_json(path, where)
-    ours = _bpe().encoder
+    ours = vocabulary()
     wrong = next((k for k, v in vocab.items() if ours.get(SPECIAL_TOKENS.get(k, k)) != v), None)
     if wrong is not None or len(vocab) != len(ours):
         detail = f'"{wrong}" has id {vocab[wrong]}' if wrong is not None else f'{len(vocab)} tokens, not {len(ours)}'

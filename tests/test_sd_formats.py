@@ -27,7 +27,7 @@ from dnnlib.util import UserError
 from helpers import assert_one_line_error, run_cli
 from models import diffusers_sd
 from models.autoencoders import AutoencoderKL
-from models.clip_text import _bpe
+from models.clip_text import vocabulary
 from models.unet_ldm import UNetModel
 from test_ldm import tiny_ldm_config, tiny_ldm_state_dict, write_config, write_lightning_ckpt
 from test_sd import PROMPTS, tiny_sd_config, tiny_sd_state_dict
@@ -149,7 +149,7 @@ def write_diffusers_folder(folder, sd, legacy_attention_names=False):
         'layer_norm_eps': 1e-05, 'projection_dim': 32, 'model_type': 'clip_text_model'})
     save_tensors(folder / 'text_encoder' / 'model.safetensors', strip(TEXT))
     specials = {v: k for k, v in diffusers_sd.SPECIAL_TOKENS.items()}
-    save_json(folder / 'tokenizer' / 'vocab.json', {specials.get(k, k): v for k, v in _bpe().encoder.items()})
+    save_json(folder / 'tokenizer' / 'vocab.json', {specials.get(k, k): v for k, v in vocabulary().items()})
     save_json(folder / 'scheduler' / 'scheduler_config.json', {
         '_class_name': 'PNDMScheduler', 'beta_end': 0.012, 'beta_schedule': 'scaled_linear', 'beta_start': 0.00085,
         'num_train_timesteps': 1000, 'set_alpha_to_one': False, 'skip_prk_steps': True, 'steps_offset': 1,
