@@ -9,6 +9,7 @@ import math
 import torch
 
 import gits
+import schedule_io
 import solver_utils
 import student_search
 from dnnlib.util import UserError
@@ -102,13 +103,14 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     dist.print0('Search evaluations: ' + ', '.join(f'{v} {STAGE_NAMES[k]}' for k, v in info['evals'].items()))
     if opts.save_schedules:
         if dist.get_rank() == 0:
-            save_schedules(opts.save_schedules, schedules, opts, info)
+            save_schedules(opts.save_schedules, schedules, opts, info, model)
         info['saved_num_steps'] = sorted(schedules)
         dist.barrier()
     return schedules[opts.num_steps] if opts.num_steps in schedules else None, info
 
 
-def save_schedules(path, schedules, opts, info):
+def save_schedules(path, schedules, opts, info, model=None):
+    """The searched schedules, with each one also in diffusers' and ComfyUI's forms (schedule_io)."""
     record = dict(
         format='gits-schedules-v1', dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs),
         schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, metric=opts.metric, coeff=opts.coeff,
@@ -116,6 +118,7 @@ def save_schedules(path, schedules, opts, info):
         warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
         schedules={str(n): [float(t) for t in ts] for n, ts in sorted(schedules.items())},
         t_steps_text={str(n): solver_utils.format_t_steps(ts) for n, ts in sorted(schedules.items())},
+        exports={str(n): schedule_io.exports(ts, model) for n, ts in sorted(schedules.items())},
         seconds=info['seconds'])
     try:
         misc.atomic_write_json(path, record)

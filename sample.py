@@ -21,6 +21,8 @@ import dnnlib
 import gits
 import models
 import run_schedule
+import schedule_io
+import schedule_presets
 import solver_utils
 import solvers
 from dnnlib.util import UserError
@@ -156,12 +158,15 @@ def run(opts):
     dnnlib.util.check_writable_dir(outdir)
     t_text = solver_utils.format_t_steps(t_steps)
     dist.print0(f'Schedule ({len(t_steps)} points, {opts.solver}, NFE={nfe}): --t_steps={t_text}')
+    for line in schedule_io.format_lines(t_steps, model, opts.schedule_format):
+        dist.print0(line)
     if getattr(model, 'guidance_passes', 1) > 1:
         dist.print0(f'Classifier-free guidance: {nfe * model.guidance_passes} network passes per image batch row')
 
     record = dict(options={k: v for k, v in opts.items() if k not in ('seed_list', 't_steps_list')},
                   solver_options=opts.solver_options, nfe=nfe, t_steps=[float(t) for t in t_steps],
-                  t_steps_text=t_text, world_size=world, search=search_info)
+                  t_steps_text=t_text, exports=schedule_io.exports(t_steps, model), world_size=world,
+                  search=search_info)
     if rank == 0:
         try:
             os.makedirs(outdir, exist_ok=True)
@@ -213,6 +218,13 @@ def run(opts):
 
 # ----------------------------------------------------------------------------------------------
 
+def list_presets(ctx, _param, value):
+    """--list_presets: print and exit before click asks for --dataset_name."""
+    if value:
+        click.echo('\n'.join(schedule_presets.describe()))
+        ctx.exit(0)
+
+
 @click.command(context_settings=dict(show_default=True))
 # General options.
 @click.option('--dataset_name', type=str, required=True, help='Model: ' + ', '.join(models.REGISTRY))
@@ -233,7 +245,11 @@ def run(opts):
 # Schedule options.
 @click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
 @click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
-@click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,10.9836,...,0.002]')
+@click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,10.9836,...,0.002], or a preset, e.g. gits_sd15:coeff=1.20:steps=10 (see --list_presets)')
+@click.option('--list_presets', is_flag=True, is_eager=True, expose_value=False, callback=list_presets,
+              help='Print the named schedules --t_steps takes, and exit')
+@click.option('--schedule_format', type=click.Choice(list(schedule_io.FORMATS)), default='t_steps',
+              help='Also print the schedule as diffusers sigmas/timesteps or ComfyUI SIGMAS (run.json holds all forms)')
 @click.option('--sigma_min', type=float, default=None, help='Lowest noise level [default: the model\'s]')
 @click.option('--sigma_max', type=float, default=None, help='Highest noise level [default: the model\'s]')
 # Additional solver options (None: the solver's own default).

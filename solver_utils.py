@@ -8,6 +8,8 @@ import re
 import numpy as np
 import torch
 
+import schedule_presets
+
 SCHEDULES = ('polynomial', 'logsnr', 'time_uniform', 'discrete')
 
 
@@ -113,9 +115,12 @@ _NUMBER = r'[+-]?(?:\d+\.?\d*|\.\d+)(?:[eE][+-]?\d+)?'
 
 
 def parse_t_steps(text):
-    """Parse '[80,10.9836,...,0.002]' (brackets optional) into a list of floats. ValueError if the
+    """Parse '[80,10.9836,...,0.002]' (brackets optional) into a list of floats, or a named preset
+    such as 'gits_sd15:coeff=1.20:steps=10' or 'ays_sd15' (schedule_presets.py). ValueError if the
     text is malformed, has fewer than two entries, a non-positive entry, or is not strictly
-    decreasing."""
+    decreasing, or names no preset."""
+    if schedule_presets.is_preset_text(text):
+        return check_t_steps(schedule_presets.preset_t_steps(text))
     body = str(text).strip()
     if body.startswith('[') and body.endswith(']'):
         body = body[1:-1]

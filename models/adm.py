@@ -12,9 +12,10 @@ output D = x - sigma * eps_guided clamped to [-1, 1] (the reference sampler's cl
 The classifier always runs in float32 (guided-diffusion's classifier_use_fp16 defaults to False).
 
 Files: 256x256_diffusion.pt and 256x256_classifier.pt, plain state dicts, downloaded into
-./src/imagenet256/. --model_path names the diffusion model (local path or URL); the classifier
-is looked up beside it (`classifier_location`). Network configs are inferred from the state
-dicts (models/unet_config.py), so smaller checkpoints of the same family load as well.
+./src/imagenet256/ (the same state dicts converted to .safetensors load too, models/weights.py).
+--model_path names the diffusion model (local path or URL); the classifier is looked up beside
+it (`classifier_location`). Network configs are inferred from the state dicts
+(models/unet_config.py), so smaller checkpoints of the same family load as well.
 """
 
 import math
@@ -32,6 +33,7 @@ from .unet import EncoderUNetModel, UNetModel
 from .unet_config import infer_encoder_config, infer_unet_config
 from .base import resolve_fp16
 from .discrete import DiscreteVPModel, linear_alphas_cumprod
+from .weights import read_state_dict
 
 URL_BASE = 'https://openaipublic.blob.core.windows.net/diffusion/jul-2021/'
 MODEL_URL = URL_BASE + '256x256_diffusion.pt'
@@ -55,19 +57,6 @@ def fetch(url_or_path, dataset_name, flag='--model_path'):
                                                           progress=dist.get_rank() == 0))
     except UserError as e:
         raise UserError(f'{flag}: {e}') from None
-
-
-def read_state_dict(path, flag='--model_path'):
-    """A plain weight file: dict name -> tensor, read with weights_only=True."""
-    try:
-        sd = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:        # zip/pickle errors of truncated or foreign files, unsafe pickles
-        reason = (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
-        raise UserError(f'{flag}: cannot read "{path}" as a PyTorch weight file ({reason}); '
-                        'if it was downloaded, delete it to fetch it again') from None
-    if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
-        raise UserError(f'{flag}: "{path}" is not a plain state dict (name -> tensor)')
-    return sd
 
 
 def _mismatch(net_shapes, sd):

@@ -151,6 +151,12 @@ def _bpe():
     return _tokenizer_module().SimpleTokenizer()
 
 
+def vocabulary():
+    """CLIP's BPE vocabulary, token -> id (open_clip names the two special tokens <start_of_text>
+    and <end_of_text>; OpenAI's and Hugging Face's files name them <|startoftext|>, <|endoftext|>)."""
+    return _bpe().encoder
+
+
 def tokenize(prompts, context_length=77):
     """int64 [B, context_length]: BOS (49406), the BPE tokens truncated to context_length - 2,
     EOS (49407), then EOS repeated to the end, as SD's CLIPTokenizer(padding='max_length') did."""

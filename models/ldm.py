@@ -30,6 +30,7 @@ from .autoencoders import FIRST_STAGES
 from .base import resolve_fp16
 from .discrete import DiscreteVPModel, scaled_linear_alphas_cumprod
 from .unet import UNetModel
+from .weights import SAFETENSORS_SUFFIX, is_safetensors, read_safetensors
 
 URLS = {
     'lsun_bedroom_ldm': 'https://ommer-lab.com/files/latent-diffusion/lsun_bedrooms.zip',
@@ -75,7 +76,11 @@ def _unloadable(path, e):
 def load_state_dict(path):
     """The `state_dict` of a Lightning .ckpt, loaded with weights_only=True. Globals that the file
     references outside torch's allowlist (training-only entries) are mapped to inert stand-ins,
-    each under exactly the name the file uses; the weights never need them."""
+    each under exactly the name the file uses; the weights never need them. A .safetensors file
+    (the same keys as the .ckpt's state_dict, e.g. v1-5-pruned-emaonly.safetensors) is read with
+    the safetensors library instead, never through a pickle reader."""
+    if is_safetensors(path):
+        return {k: v for k, v in read_safetensors(path).items() if isinstance(v, torch.Tensor)}
     try:
         try:
             ckpt = torch.load(path, map_location='cpu', weights_only=True)
@@ -138,11 +143,16 @@ def unpack_zip(zip_path, dest):
         raise UserError(f'cannot unpack {zip_path} into {dest}: {e.strerror}') from None
 
 
+CHECKPOINT_NAMES = ('model.ckpt', 'model.safetensors')
+
+
 def _folder_files(folder):
-    ckpts = sorted(f for f in os.listdir(folder) if f.endswith('.ckpt'))
-    ckpt = 'model.ckpt' if 'model.ckpt' in ckpts else (ckpts[0] if len(ckpts) == 1 else None)
+    ckpts = sorted(f for f in os.listdir(folder) if f.endswith(('.ckpt', SAFETENSORS_SUFFIX)))
+    named = [f for f in CHECKPOINT_NAMES if f in ckpts]
+    ckpt = named[0] if named else (ckpts[0] if len(ckpts) == 1 else None)
     if ckpt is None:
-        raise UserError(f'--model_path: folder "{folder}" holds no model.ckpt (or not exactly one .ckpt file)')
+        raise UserError(f'--model_path: folder "{folder}" holds no model.ckpt or model.safetensors '
+                        '(or not exactly one .ckpt/.safetensors file)')
     config = os.path.join(folder, 'config.yaml')
     return os.path.join(folder, ckpt), (config if os.path.isfile(config) else None)
 
@@ -285,12 +295,13 @@ class LatentDiffusion(DiscreteVPModel):
 
 
 def load_parts(dataset_name, model_path, default_config, url):
-    """(model params from the config, state dict, ckpt path) for a latent-diffusion model."""
+    """(model params from the config, state dict, where) for a latent-diffusion model; `where`
+    starts the error messages about this checkpoint (the flag and the file)."""
     # rank 0 first: it may download and unpack; the other ranks then find the files in place.
     ckpt, config_path = dist.rank0_first(lambda: locate(dataset_name, model_path, url))
     cfg = read_config(config_path) if config_path else copy.deepcopy(default_config)
     dist.print0(f'Loading {dataset_name} from "{ckpt}" (config: {config_path or "built-in"})...')
-    return cfg['model']['params'], load_state_dict(ckpt), ckpt
+    return cfg['model']['params'], load_state_dict(ckpt), f'--model_path: "{ckpt}"'
 
 
 def build_ldm(params, sd, where, device='cpu', use_fp16=False):
@@ -315,8 +326,8 @@ def load_ldm(dataset_name, model_path=None, device='cpu', guidance_type=None, gu
     if guidance_rate is not None and guidance_rate != 1:
         raise UserError(f'--guidance_rate: {dataset_name} is unconditional and takes no guidance rate')
     use_fp16 = resolve_fp16(use_fp16, device)
-    params, sd, ckpt = load_parts(dataset_name, model_path, LDM_VQ4_CONFIG, URLS[dataset_name])
-    model = build_ldm(params, sd, ckpt, device=device, use_fp16=use_fp16)
+    params, sd, where = load_parts(dataset_name, model_path, LDM_VQ4_CONFIG, URLS[dataset_name])
+    model = build_ldm(params, sd, where, device=device, use_fp16=use_fp16)
     dist.print0(f'UNet weights: {"EMA (model_ema.*)" if model.used_ema else "raw"}')
     return model
 

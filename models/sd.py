@@ -11,8 +11,12 @@ prompt a line, MS-COCO captions JSON, a JSON list or a CSV with a `text`/`captio
 takes prompt i. GITS warm-up seeds lie outside the sampled ones, so they draw their prompt
 at random (seeded by the seed) from the file, as the reference's warm-up sampled captions.
 
-Config: the checkpoint's own config.yaml when there is one beside it (folder/zip layout as LDM),
-else the built-in v1-inference settings. The text encoder's shape is read from its weights; its
+Checkpoints: the released single file, as `.ckpt` (a Lightning pickle, read with
+weights_only=True) or `.safetensors` (the same state dict, read with the safetensors library), or
+a diffusers model folder (unet/, vae/, text_encoder/, tokenizer/, scheduler/; models/diffusers_sd.py
+maps its key names onto the .ckpt's). Config: for a single file, its own config.yaml when there is
+one beside it (folder/zip layout as LDM), else the built-in v1-inference settings; for a diffusers
+folder, its components' config.json files. The text encoder's shape is read from its weights; its
 head count (not visible in shapes) is hidden/64 unless `cond_stage_config.params.text_config`
 gives `num_attention_heads` (an extension of ours, used by small test models).
 """
@@ -25,6 +29,7 @@ from torch_utils import distributed as dist
 from torch_utils.prompts import read_prompt_file
 from . import reject_options
 from .clip_text import CLIPTextModel, infer_config, tokenize
+from .diffusers_sd import is_diffusers_folder, load_folder
 from .base import resolve_fp16
 from .ldm import LatentDiffusion, build_first_stage, instantiate, ldm_unet, load_parts, schedule, unet_weights
 
@@ -161,8 +166,12 @@ def load_ms_coco(model_path=None, device='cpu', guidance_type=None, guidance_rat
                         'or a file with prompt i for seed i)')
     prompts = read_prompt_file(prompt_file) if prompt_file is not None else None
     use_fp16 = resolve_fp16(use_fp16, device)
-    params, sd, ckpt = load_parts('ms_coco', model_path, V1_CONFIG, URL)
-    model = build_sd(params, sd, ckpt, device=device, use_fp16=use_fp16, guidance_rate=rate, prompt=prompt,
+    if model_path is not None and is_diffusers_folder(model_path):
+        dist.print0(f'Loading ms_coco from the diffusers folder "{model_path}"...')
+        params, sd, where = load_folder(model_path)
+    else:
+        params, sd, where = load_parts('ms_coco', model_path, V1_CONFIG, URL)
+    model = build_sd(params, sd, where, device=device, use_fp16=use_fp16, guidance_rate=rate, prompt=prompt,
                      prompts=prompts, prompt_file=prompt_file)
     dist.print0(f'Classifier-free guidance rate {rate}; prompts: '
                 + (f'{len(prompts)} from "{prompt_file}"' if prompts is not None else repr(prompt)))
