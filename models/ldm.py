@@ -299,6 +299,7 @@ def load_ldm(dataset_name, model_path=None, device='cpu', guidance_type=None, gu
     use_fp16 = resolve_fp16(use_fp16, device)
     params, sd, ckpt = load_parts(dataset_name, model_path, LDM_VQ4_CONFIG, URLS[dataset_name])
     model = build_ldm(params, sd, ckpt, device=device, use_fp16=use_fp16)
+    model.checkpoint_files = (ckpt,)
     dist.print0(f'UNet weights: {"EMA (model_ema.*)" if model.used_ema else "raw"}')
     return model
 

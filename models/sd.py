@@ -165,6 +165,7 @@ def load_ms_coco(model_path=None, device='cpu', guidance_type=None, guidance_rat
     params, sd, ckpt = load_parts('ms_coco', model_path, V1_CONFIG, URL)
     model = build_sd(params, sd, ckpt, device=device, use_fp16=use_fp16, guidance_rate=rate, prompt=prompt,
                      prompts=prompts, prompt_file=prompt_file)
+    model.checkpoint_files = (ckpt,)
     dist.print0(f'Classifier-free guidance rate {rate}; prompts: '
                 + (f'{len(prompts)} from "{prompt_file}"' if prompts is not None else repr(prompt)))
     return model
