@@ -91,12 +91,22 @@ def collective(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
-        except RuntimeError as e:       # gloo and NCCL (DistBackendError) connection failures
-            if not is_distributed():
-                raise
+        except RuntimeError as e:
+            if not (is_distributed() and _peer_lost(e)):
+                raise                   # a fault of this process: its traceback is wanted
             reason = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise PeerFailure(f'another process of this run failed ({reason})') from None
     return wrapper
+
+
+PEER_LOST = ('closed by peer', 'reset by peer', 'broken pipe', 'connection refused', 'timed out')
+
+
+def _peer_lost(e):
+    """Whether a collective failed because a peer process is gone: NCCL says so with its own
+    exception type, gloo only in the message."""
+    backend_error = getattr(dist, 'DistBackendError', ())
+    return isinstance(e, backend_error) or any(text in str(e).lower() for text in PEER_LOST)
 
 
 @collective
