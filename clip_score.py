@@ -100,16 +100,76 @@ def load_clip(model_name, pretrained, device):
             raise UserError(f'--model: config file "{model_name}" not found')
         open_clip.add_model_config(model_name)      # registered under the file's stem
         name = os.path.splitext(os.path.basename(model_name))[0]
+    preprocess_kw = {}
     if pretrained and dnnlib.util.is_url(pretrained):
         pretrained = dist.resolve_file(pretrained, '--pretrained', cache_dir())   # inside dist.rank0_first
+    elif pretrained and not os.path.isfile(pretrained) and open_clip.get_pretrained_cfg(name, pretrained):
+        cfg = open_clip.get_pretrained_cfg(name, pretrained)
+        cached = cached_tag_file(cfg)
+        if cached is not None:     # the file itself, so that open_clip makes no network request
+            pretrained, preprocess_kw = cached, tag_preprocess(cfg)
+        else:
+            check_hub_reachable(name, pretrained, cfg)
     try:
         model, _, preprocess = open_clip.create_model_and_transforms(
-            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir())
+            name, pretrained=pretrained or None, device=device, cache_dir=cache_dir(), **preprocess_kw)
         tokenizer = open_clip.get_tokenizer(name, cache_dir=cache_dir())
     except (RuntimeError, ValueError, KeyError, OSError) as e:
         reason = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UserError(f'--model/--pretrained: cannot load CLIP "{model_name}" with weights "{pretrained}" ({reason})') from None
     return model.eval(), preprocess, tokenizer
+
+
+def tag_files(cfg):
+    """(Hugging Face repo or None, [file names in open_clip's order of preference], URL) of the
+    weights of an open_clip pretrained tag's config."""
+    from open_clip import pretrained as oc_pretrained
+    hub = cfg.get('hf_hub', '')
+    if hub:
+        repo, filename = os.path.split(hub)       # 'org/name/' -> the default file name
+        filename = filename or oc_pretrained.HF_WEIGHTS_NAME
+        names = list(oc_pretrained._get_safe_alternatives(filename)) + [filename]
+        import huggingface_hub
+        return repo, names, huggingface_hub.hf_hub_url(repo, filename)
+    url = cfg.get('url', '')
+    return None, [os.path.basename(url)], url
+
+
+def cached_tag_file(cfg):
+    """The local weights file of a pretrained tag if open_clip's download is in cache_dir()
+    (Hugging Face's cache layout, or the URL's file name), else None. No network access."""
+    repo, names, _ = tag_files(cfg)
+    if repo is None:
+        path = os.path.join(cache_dir(), names[0])
+        return path if names[0] and os.path.isfile(path) else None
+    import huggingface_hub
+    for name in names:
+        path = huggingface_hub.try_to_load_from_cache(repo, name, cache_dir=cache_dir())
+        if isinstance(path, str) and os.path.isfile(path):
+            return path
+    return None
+
+
+def tag_preprocess(cfg):
+    """The image preprocessing a pretrained tag sets (open_clip applies it for a tag, not for a file)."""
+    keys = dict(mean='image_mean', std='image_std', interpolation='image_interpolation', resize_mode='image_resize_mode')
+    return {arg: cfg[key] for key, arg in keys.items() if cfg.get(key) is not None}
+
+
+def check_hub_reachable(model_name, tag, cfg, timeout=10):
+    """Weights that are not cached must be downloaded: fail in one line at once when their host does
+    not answer, instead of open_clip's minute of retries and dozens of warnings."""
+    import requests
+    import urllib.parse
+    repo, _, file_url = tag_files(cfg)
+    host = urllib.parse.urlsplit(file_url)
+    try:
+        requests.head(f'{host.scheme}://{host.netloc}', timeout=timeout)
+    except requests.RequestException as e:
+        where = f'a Hugging Face cache of {repo}' if repo else 'the file'
+        raise UserError(f'--pretrained: the weights "{tag}" of {model_name} are not in {cache_dir()} and '
+                        f'{host.netloc} cannot be reached ({dnnlib.util.failure_reason(e)}); download {file_url} '
+                        f'and pass --pretrained=FILE, or put {where} in {cache_dir()}') from None
 
 
 def score_fn(model, tokenizer, prompts, device):
@@ -157,6 +217,7 @@ def main():
 @click.option('--device', type=str, default=None, help='torch device [default: cuda if available, else cpu]')
 def calc(images, prompts, model, pretrained, num, seed, batch, workers, device):
     """Mean CLIP score (printed as the last line)."""
+    dist.check_device(device)
     folder = image_folder.ImageFolder(images, flag='--images')
     indices = image_folder.select(len(folder), num, seed)
     device = dist.init(device)

@@ -221,6 +221,7 @@ def main():
 @common_options
 def calc(images, ref, num, seed, batch, workers, detector, device):
     """FID of a set of images against reference statistics (printed as the last line)."""
+    dist.check_device(device)
     folder, indices = select_images(images, num, seed, '--images')
     device = dist.init(device)
     dist.print0(f'Loading reference statistics from "{ref}"...')
@@ -241,8 +242,9 @@ def calc(images, ref, num, seed, batch, workers, detector, device):
 @common_options
 def ref(data, dest, num, seed, batch, workers, detector, device):
     """Reference statistics of a dataset, for `fid.py calc --ref`."""
+    dist.check_device(device)
+    dnnlib.util.check_writable_file(dest, '--dest')
     folder, indices = select_images(data, num, seed, '--data')
-    check_writable_dest(dest)
     device = dist.init(device)
     dist.print0(f'Loading detector from "{detector}"...')
     net = load_detector(detector, device)
@@ -253,16 +255,6 @@ def ref(data, dest, num, seed, batch, workers, detector, device):
         print(f'Saved reference statistics of {len(indices)} images to "{dest}"', flush=True)
     dist.barrier()
     dist.shutdown()
-
-
-def check_writable_dest(dest):
-    """Fail before the long computation when --dest cannot be written."""
-    folder = os.path.dirname(os.path.abspath(dest))
-    probe = folder
-    while not os.path.exists(probe):
-        probe = os.path.dirname(probe)
-    if os.path.isdir(dest) or not os.path.isdir(probe) or not os.access(probe, os.W_OK | os.X_OK):
-        raise UserError(f'--dest: cannot write "{dest}"')
 
 
 if __name__ == '__main__':

@@ -3,11 +3,14 @@ earlier search, a GITS search on warm-up seeds (--dp, with the options of studen
 named schedule (--schedule_type). Also the GITS flag checks and the schedule files.
 """
 
+import hashlib
 import json
 import math
+import os
 
 import torch
 
+import dnnlib
 import gits
 import schedule_io
 import solver_utils
@@ -21,10 +24,8 @@ def build_schedule(opts, model, device):
     """The t_steps of this run, and the search's record (None without a search)."""
     sigma_min = opts.sigma_min if opts.sigma_min is not None else model.sigma_min
     sigma_max = opts.sigma_max if opts.sigma_max is not None else model.sigma_max
-    if opts.t_steps is not None:
+    if opts.t_steps_list is not None:        # --t_steps, or the entry of a --schedule_file
         return torch.tensor(opts.t_steps_list, dtype=torch.float64), None
-    if opts.schedule_file is not None:
-        return schedule_from_file(opts.schedule_file, opts), None
     if opts.dp:
         return search_for_sampling(model, opts, sigma_min, sigma_max, device)
     try:
@@ -35,14 +36,82 @@ def build_schedule(opts, model, device):
     return t, None
 
 
+def expected_points(opts):
+    """Length of the schedule before it is built: what a search returns (with afs it inserts a
+    free step; the paper's search can find no room for it, so the real length may be one less)."""
+    if opts.t_steps_list is not None:
+        return len(opts.t_steps_list)
+    return opts.num_steps + int(bool(opts.dp and opts.afs))
+
+
+def schedule_tag(opts):
+    """Where the schedule comes from, in a few characters: run.json's schedule_source and the
+    suffix of the default folder name. A fixed type (with its rho unless it is the default 7;
+    logsnr has none), 'gits' (+ '-student', '-refined', and the base type if not polynomial
+    rho 7), 'tsteps-' + a hash of a pasted list, 'file-' + the schedule file's name."""
+    if opts.t_steps is not None:
+        text = solver_utils.format_t_steps(opts.t_steps_list)
+        return 'tsteps-' + hashlib.sha1(text.encode()).hexdigest()[:8]
+    if opts.schedule_file is not None:
+        return 'file-' + os.path.splitext(os.path.basename(opts.schedule_file))[0]
+    base = opts.schedule_type
+    if opts.schedule_type != 'logsnr' and opts.schedule_rho != DEFAULT_RHO:
+        base += f'-rho{opts.schedule_rho:g}'
+    if not opts.dp:
+        return base
+    tag = 'gits' + ('-student' if opts.get('search') == 'student' else '') + ('-refined' if opts.get('refine') else '')
+    return tag if base == 'polynomial' else f'{tag}-{base}'
+
+
+# ----------------------------------------------------------------------------------------------
+# Which flags apply. A flag given where it does not apply is refused in one line that names it and
+# what it needs, never ignored. `given`: the options named on the command line (not defaults).
+
+DEFAULT_RHO = 7.0
+SCHEDULE_FLAGS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
+SEARCH_FLAGS = ('metric', 'coeff', 'num_warmup', 'solver_tea', 'num_steps_tea', 'warmup_seed', 'search', 'refine',
+                'refine_budget')                  # how a schedule was searched: schedule files record them
+SAVE_FLAGS = ('save_schedules', 'save_num_steps')
+SAMPLING_FLAGS = ('seeds', 'outdir', 'grid', 'subdirs', 'denoise_to_zero')
+
+SCHEDULE_RULES = (   # (flags, does it apply to this run?, what they need); also trajectory.py's
+    (SCHEDULE_FLAGS, lambda o: o.t_steps is None,
+     'does not apply with --t_steps (the pasted list is the whole schedule)'),
+    (('schedule_rho',), lambda o: o.schedule_type != 'logsnr',
+     'does not apply to --schedule_type=logsnr (it has no exponent)'),
+)
+RULES = SCHEDULE_RULES + (
+    (SEARCH_FLAGS, lambda o: o.dp or o.schedule_file is not None,
+     'needs --dp=True (it is an option of the GITS search)'),
+    (SAVE_FLAGS, lambda o: o.dp,
+     'needs --dp=True (it saves searched schedules)'),
+    (('refine_budget',), lambda o: bool(o.refine) or not o.dp,
+     'needs --refine=True'),
+    (('save_num_steps',), lambda o: o.save_schedules is not None,
+     'needs --save_schedules=FILE'),
+    (SAMPLING_FLAGS, lambda o: o.save_schedules is None,
+     'does not apply with --save_schedules (that run searches, saves the schedules and exits)'),
+)
+
+
+def check_flags(opts, given):
+    """Refuse flags that do not apply; check the GITS values (--dp) and read the schedule file
+    (--schedule_file), all before any model loads. Sets opts.t_steps_list for a schedule file and
+    opts.save_num_steps_list for --save_schedules."""
+    dnnlib.util.refuse_inapplicable(opts, given, RULES)
+    if opts.dp:
+        validate_options(opts)
+    if opts.save_schedules is not None:
+        dnnlib.util.check_writable_file(opts.save_schedules, '--save_schedules')
+    if opts.schedule_file is not None:
+        opts.t_steps_list = schedule_from_file(opts, given)
+
+
 # ----------------------------------------------------------------------------------------------
 # GITS search for sampling.
 
 def validate_options(opts):
-    """Checks of the GITS flags that need no model; UserError with one line naming the flag."""
-    for flag in ('search', 'refine', 'refine_budget'):
-        if not opts.dp and opts.get(flag) not in (None, False):
-            raise UserError(f'--{flag}: needs --dp=True (it changes how the schedule is searched)')
+    """Checks of the GITS values that need no model; UserError with one line naming the flag."""
     if opts.coeff is None or not opts.coeff > 0:
         raise UserError(f'--coeff: must be positive (got {opts.coeff})')
     if opts.num_warmup is None or opts.num_warmup < 1:
@@ -57,7 +126,7 @@ def validate_options(opts):
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise UserError(f'--refine_budget: must be a positive multiple of the teacher\'s evaluations (got {budget})')
     warm = range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup)
-    if any(s in warm for s in opts.seed_list):
+    if opts.save_schedules is None and any(s in warm for s in opts.seed_list):
         raise UserError(f'--warmup_seed: warm-up seeds {warm.start}-{warm.stop - 1} overlap --seeds; '
                         'pick a --warmup_seed outside the sampled seeds')
     opts.save_num_steps_list = [opts.num_steps]
@@ -102,45 +171,81 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     dist.print0('GITS search: ' + ', '.join(f'{v:.2f}s {STAGE_NAMES[k]}' for k, v in info['seconds'].items()))
     dist.print0('Search evaluations: ' + ', '.join(f'{v} {STAGE_NAMES[k]}' for k, v in info['evals'].items()))
     if opts.save_schedules:
-        if dist.get_rank() == 0:
-            save_schedules(opts.save_schedules, schedules, opts, info, model)
+        dist.on_rank0(lambda: save_schedules(opts.save_schedules, schedules, opts, info, sigma_min, sigma_max, model))
         info['saved_num_steps'] = sorted(schedules)
-        dist.barrier()
     return schedules[opts.num_steps] if opts.num_steps in schedules else None, info
 
 
-def save_schedules(path, schedules, opts, info, model=None):
+# ----------------------------------------------------------------------------------------------
+# Schedule files. A file records what its schedules are for (model, solver and options, afs) and
+# how they were searched; sampling from it refuses a run that differs in the former, or in any of
+# the latter that the run names.
+
+FILE_FORMAT = 'gits-schedules-v1'
+
+
+def save_schedules(path, schedules, opts, info, sigma_min, sigma_max, model=None):
     """The searched schedules, with each one also in diffusers' and ComfyUI's forms (schedule_io)."""
     record = dict(
-        format='gits-schedules-v1', dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs),
-        schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, metric=opts.metric, coeff=opts.coeff,
-        solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, num_warmup=opts.num_warmup,
+        format=FILE_FORMAT, dataset_name=opts.dataset_name, solver=opts.solver,
+        solver_options=opts.solver_options, afs=bool(opts.afs), schedule_type=opts.schedule_type,
+        schedule_rho=opts.schedule_rho, sigma_min=float(sigma_min), sigma_max=float(sigma_max), metric=opts.metric,
+        coeff=opts.coeff, solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, num_warmup=opts.num_warmup,
         warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
+        refine_budget=(opts.get('refine_budget') or 4.0) if info['refine'] else None,
+        guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate, class_idx=opts.class_idx,   # provenance
         schedules={str(n): [float(t) for t in ts] for n, ts in sorted(schedules.items())},
         t_steps_text={str(n): solver_utils.format_t_steps(ts) for n, ts in sorted(schedules.items())},
         exports={str(n): schedule_io.exports(ts, model) for n, ts in sorted(schedules.items())},
         seconds=info['seconds'])
     try:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         misc.atomic_write_json(path, record)
     except OSError as e:
         raise UserError(f'--save_schedules: cannot write "{path}": {e.strerror}') from None
 
 
-def schedule_from_file(path, opts):
-    """The schedule for opts.num_steps from a --save_schedules file."""
+def read_schedule_file(path):
+    """The record of a --save_schedules file; UserError in one line for anything else."""
     try:
         with open(path) as f:
             record = json.load(f)
-        table = record['schedules']
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise UserError(f'--schedule_file: cannot read a schedule file from "{path}" ({e})') from None
-    key = str(opts.num_steps)
-    if key not in table:
-        raise UserError(f'--num_steps: {path} holds schedules for num_steps {", ".join(sorted(table, key=int))}')
-    if bool(record.get('afs', False)) != bool(opts.afs):
-        raise UserError(f'--afs: {path} was searched with afs={record.get("afs")}; pass the same --afs')
-    try:
-        values = solver_utils.check_t_steps(table[key])
+    except OSError as e:
+        raise UserError(f'--schedule_file: cannot read "{path}" ({e.strerror})') from None
     except ValueError as e:
+        raise UserError(f'--schedule_file: "{path}" is not JSON ({e})') from None
+    table = record.get('schedules') if isinstance(record, dict) else None
+    if not isinstance(table, dict) or not table:
+        raise UserError(f'--schedule_file: "{path}" is not a schedule file (it has no "schedules" table); '
+                        'write one with --dp=True --save_schedules=FILE')
+    return record
+
+
+def schedule_from_file(opts, given):
+    """The schedule (a list) for opts.num_steps from the --schedule_file, after checking that the
+    file was searched for this run: same model, solver, solver options and afs, and the same
+    value of every schedule or search flag the run names."""
+    path = opts.schedule_file
+    record = read_schedule_file(path)
+    this = dict(dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs), **opts.solver_options)
+    recorded = dict(record, **(record.get('solver_options') or {}))
+    recorded.setdefault('afs', False)
+    for key, value in this.items():
+        if key in recorded and recorded[key] != value:
+            raise UserError(f'--{key}: "{path}" was searched with {key}={recorded[key]}, this run has {value}; '
+                            f'pass --{key}={recorded[key]} or search again')
+    for flag in SCHEDULE_FLAGS[1:] + SEARCH_FLAGS:
+        if flag not in given:
+            continue
+        if flag not in recorded:
+            raise UserError(f'--{flag}: "{path}" does not record {flag}; drop the flag')
+        if recorded[flag] != opts[flag]:
+            raise UserError(f'--{flag}: "{path}" was searched with {flag}={recorded[flag]}, not {opts[flag]}')
+    key = str(opts.num_steps)
+    if key not in record['schedules']:
+        raise UserError(f'--num_steps: "{path}" holds schedules for num_steps '
+                        f'{", ".join(sorted(record["schedules"], key=int))}')
+    try:
+        return solver_utils.check_t_steps(record['schedules'][key])
+    except (ValueError, TypeError) as e:
         raise UserError(f'--schedule_file: {e}') from None
-    return torch.tensor(values, dtype=torch.float64)

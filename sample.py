@@ -8,8 +8,10 @@ seeded by the seed alone), so batch size, process count and interruptions do not
 """
 
 import concurrent.futures
+import json
 import math
 import os
+import re
 import sys
 
 import click
@@ -77,8 +79,8 @@ def write_images(outdir, subdirs, seeds, images, infos):
             if info is not None:
                 misc.atomic_write_json(image_path(outdir, seed, subdirs, '.json'), info)
             misc.atomic_write_bytes(path, png_bytes(image))
-    except OSError as e:
-        raise UserError(f'--outdir: cannot write images to "{outdir}": {e.strerror}') from None
+    except OSError as e:      # this process's own images: only it knows
+        raise UserError(f'--outdir: cannot write images to "{outdir}": {e.strerror}', local=True) from None
 
 
 def image_path(outdir, seed, subdirs, ext='.png'):
@@ -91,22 +93,157 @@ def image_path(outdir, seed, subdirs, ext='.png'):
 
 def parse_seeds(text):
     try:
-        return misc.parse_int_list(text)
+        seeds = misc.parse_int_list(text)
     except ValueError as e:
         raise UserError(f'--seeds: {e}; expected e.g. 0-63,100,200-299') from None
+    seen = set()
+    for s in seeds:
+        if s in seen:
+            raise UserError(f'--seeds: seed {s} is listed twice (each seed is one image)')
+        seen.add(s)
+    return seeds
+
+
+# ----------------------------------------------------------------------------------------------
+# The output folder belongs to one configuration.
+#
+# IDENTITY lists everything that determines the images; run.json records each at its top level,
+# and a rerun into a folder whose run.json differs in any of them is refused, so a folder only
+# ever holds images of one configuration and resuming only adds to them. A new option that changes
+# images joins with one line (a key an older run.json lacks counts as None). Left out on purpose,
+# because the images do not depend on them: --seeds (a rerun adds seeds), --batch and the number of
+# processes (identical images, tested), --outdir, --device (devices may round differently, but it
+# is the same run; the precision that matters is use_fp16), --guidance_type (one valid value per
+# model; the rate is what acts), --model_path as text (the checkpoint's content is what counts),
+# and how the schedule was obtained (only the exact t_steps: a searched schedule pasted back with
+# --t_steps, or read from a schedule file, continues the same folder).
+
+IDENTITY = {
+    'dataset_name': lambda r: r.opts.dataset_name,
+    'checkpoint': lambda r: checkpoint_identity(r.model, r.opts.model_path),
+    'solver': lambda r: r.opts.solver,
+    'solver_options': lambda r: r.opts.solver_options,
+    't_steps': lambda r: [float(t) for t in r.t_steps] if r.t_steps is not None else None,
+    'afs': lambda r: bool(r.opts.afs),
+    'denoise_to_zero': lambda r: bool(r.opts.denoise_to_zero),
+    'class_idx': lambda r: r.opts.class_idx,
+    'guidance_rate': lambda r: getattr(r.model, 'guidance_rate', None),
+    'prompt': lambda r: r.opts.prompt,
+    'prompt_file': lambda r: misc.file_fingerprint(r.opts.prompt_file, whole=True) if r.opts.prompt_file else None,
+    'use_fp16': lambda r: bool(getattr(r.model, 'use_fp16', False)),
+    'grid': lambda r: bool(r.opts.grid),          # one grid.png, or one PNG per seed
+    'subdirs': lambda r: bool(r.opts.subdirs),    # where the PNGs lie
+}
+LABELS = {'checkpoint': 'the checkpoint', 't_steps': 'the schedule (t_steps)'}
+RUN_FORMAT = 'gits-run-v2'
+
+
+def checkpoint_identity(model, model_path):
+    """Size and head/tail hash of each file the weights came from (misc.file_fingerprint: cheap,
+    and unlike a path or a modification time it follows the content); the --model_path text for
+    a model that does not name its files; None for the built-in analytic models."""
+    files = getattr(model, 'checkpoint_files', ())
+    if files:
+        return [misc.file_fingerprint(f) for f in files]
+    return model_path
+
+
+def identity(r):
+    """The IDENTITY values of run `r` (opts, model, t_steps), as JSON stores them."""
+    return json.loads(json.dumps({key: fn(r) for key, fn in IDENTITY.items()}))
+
+
+def differences(theirs, ours, skip=()):
+    """The settings in which `ours` differs from a run.json, for a one-line message."""
+    def show(key, old, new):
+        text = f'{old} -> {new}'
+        return f'--{key} ({text})' if key not in LABELS and len(text) < 40 else LABELS.get(key, f'--{key}')
+    out = []
+    for key, new in ours.items():
+        old = theirs.get(key)
+        if key in skip or old == new:
+            continue
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += [show(k, old.get(k), new.get(k)) for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
+        else:
+            out.append(show(key, old, new))
+    return out
+
+
+def has_images(outdir):
+    """Whether `outdir` holds images a run of sample.py would have written."""
+    name = re.compile(r'\d{6}\.png|grid\.png')
+    for entry in os.scandir(outdir):
+        if entry.is_file() and name.fullmatch(entry.name):
+            return True
+        if entry.is_dir() and re.fullmatch(r'\d{6}', entry.name) and any(
+                name.fullmatch(f) for f in os.listdir(entry.path)):
+            return True
+    return False
+
+
+def check_outdir(outdir, ours, skip=()):
+    """UserError unless `outdir` is new, empty of images, or holds a run of this same
+    configuration (its run.json matches `ours`, except the keys in `skip`)."""
+    path = os.path.join(outdir, 'run.json')
+    if not os.path.isdir(outdir):
+        return
+    if not os.path.exists(path):
+        if has_images(outdir):
+            raise UserError(f'--outdir: "{outdir}" holds images but no run.json, so their configuration is unknown; '
+                            'pass another --outdir')
+        return
+    try:
+        with open(path) as f:
+            theirs = json.load(f)
+        if not isinstance(theirs, dict) or theirs.get('format') != RUN_FORMAT:
+            raise ValueError('not a run record of this version')
+    except (OSError, ValueError) as e:
+        raise UserError(f'--outdir: cannot tell the configuration of "{outdir}" from its run.json ({e}); '
+                        'pass another --outdir') from None
+    diff = differences(theirs, ours, skip)
+    if diff:
+        raise UserError(f'--outdir: "{outdir}" holds images of another configuration (it differs in '
+                        f'{", ".join(diff)}); pass another --outdir or remove the folder')
+
+
+def open_outdir(outdir, record, seeds, subdirs, grid):
+    """On rank 0: check the folder against `record`, write run.json, and return the seeds whose
+    PNG is already there (none for a grid, which is drawn whole)."""
+    check_outdir(outdir, {k: record[k] for k in IDENTITY})
+    try:
+        os.makedirs(outdir, exist_ok=True)
+        done = [] if grid else [s for s in seeds if os.path.isfile(image_path(outdir, s, subdirs))]
+        misc.atomic_write_json(os.path.join(outdir, 'run.json'), dict(record, seeds_already_done=len(done)))
+    except OSError as e:
+        raise UserError(f'--outdir: cannot write to "{outdir}": {e.strerror}') from None
+    return done
+
+
+def default_outdir(opts, nfe):
+    """samples/<dataset_name>/<solver>_nfe<NFE>[_<schedule>][_afs][_dtz]: the schedule's source
+    (run_schedule.schedule_tag; none for EDM's polynomial rho 7), afs and denoise_to_zero are
+    in the name, so that such runs never meet in one folder. Runs that differ in anything else of
+    IDENTITY would, and the second is refused (check_outdir)."""
+    tag = run_schedule.schedule_tag(opts)
+    parts = [f'{opts.solver}_nfe{nfe}', '' if tag == 'polynomial' else tag,
+             'afs' if opts.afs else '', 'dtz' if opts.denoise_to_zero else '']
+    return os.path.join('samples', opts.dataset_name, '_'.join(p for p in parts if p))
 
 
 # ----------------------------------------------------------------------------------------------
 
-def validate(opts):
-    """All checks that need no model; raises UserError. Fills derived fields into `opts`."""
+def validate(opts, given=()):
+    """All checks that need no model, before anything expensive; raises UserError. Fills derived
+    fields into `opts`. `given`: the options named on the command line."""
     opts.seed_list = parse_seeds(opts.seeds)
     if opts.dataset_name not in models.REGISTRY:
         raise UserError(f'--dataset_name: unknown model "{opts.dataset_name}"; choose one of {", ".join(models.REGISTRY)}')
+    dist.check_device(opts.device)
     opts.t_steps_list = None
-    sources = [flag for flag, given in (('--t_steps', opts.t_steps is not None),
-                                         ('--schedule_file', opts.schedule_file is not None),
-                                         ('--dp', opts.dp)) if given]
+    sources = [flag for flag, given_ in (('--t_steps', opts.t_steps is not None),
+                                          ('--schedule_file', opts.schedule_file is not None),
+                                          ('--dp', opts.dp)) if given_]
     if len(sources) > 1:      # each of them fixes the schedule: refuse rather than silently pick one
         raise UserError(f'{sources[-1]}: cannot be combined with {sources[0]} (each one sets the schedule); drop one of them')
     if opts.t_steps is not None:
@@ -121,12 +258,11 @@ def validate(opts):
         opts.solver_options = solvers.resolve_options(opts.solver, solver_options)
     except ValueError as e:
         raise UserError(str(e)) from None
-    if opts.dp or opts.save_schedules or opts.search or opts.refine or opts.refine_budget is not None:
-        run_schedule.validate_options(opts)
     if opts.sigma_min is not None and opts.sigma_min <= 0:
         raise UserError(f'--sigma_min: must be positive (got {opts.sigma_min})')
     if opts.sigma_max is not None and opts.sigma_min is not None and opts.sigma_max <= opts.sigma_min:
         raise UserError('--sigma_max: must be larger than --sigma_min')
+    run_schedule.check_flags(opts, given)
     if opts.outdir is not None:
         dnnlib.util.check_writable_dir(opts.outdir)
 
@@ -136,48 +272,62 @@ def model_kwargs(opts):
                 prompt_file=opts.prompt_file, use_fp16=opts.use_fp16)
 
 
-def run(opts):
-    validate(opts)
+def check_class_idx(opts, model):
+    if opts.class_idx is None:
+        return
+    if not model.label_dim:
+        raise UserError(f'--class_idx: "{opts.dataset_name}" is unconditional (it has no classes); drop the flag')
+    if not 0 <= opts.class_idx < model.label_dim:
+        raise UserError(f'--class_idx: must be in 0..{model.label_dim - 1} for "{opts.dataset_name}" (got {opts.class_idx})')
+
+
+def run(opts, given=()):
+    validate(opts, given)
     device = dist.init(opts.device)
     rank, world = dist.get_rank(), dist.get_world_size()
     torch.backends.cudnn.benchmark = False
 
     model = models.load(opts.dataset_name, model_path=opts.model_path, device=device, **model_kwargs(opts))
-    if opts.class_idx is not None and not (0 <= opts.class_idx < max(model.label_dim, 1) and model.label_dim):
-        raise UserError(f'--class_idx: needs a class-conditional model and 0 <= class_idx < {model.label_dim}')
+    check_class_idx(opts, model)
     if hasattr(model, 'check_seeds'):     # e.g. SD with --prompt_file: every seed needs its prompt line
         model.check_seeds(opts.seed_list)
+    state = dnnlib.EasyDict(opts=opts, model=model, t_steps=None)
+    afs = bool(opts.afs)
+    if opts.dp and opts.save_schedules is None:     # refuse a folder of another configuration before the search
+        nfe = solvers.count_nfe(opts.solver, run_schedule.expected_points(opts), afs=afs,
+                                denoise_to_zero=opts.denoise_to_zero)
+        outdir = opts.outdir or default_outdir(opts, nfe)
+        dnnlib.util.check_writable_dir(outdir)
+        dist.on_rank0(lambda: check_outdir(outdir, identity(state), skip=('t_steps',)))
 
     t_steps, search_info = run_schedule.build_schedule(opts, model, device)
     if opts.save_schedules:
         dist.print0(f'Saved GITS schedules for num_steps {search_info["saved_num_steps"]} to {opts.save_schedules}')
+        dist.shutdown()
         return
-    afs = bool(opts.afs)
+    state.t_steps = t_steps
     nfe = solvers.count_nfe(opts.solver, len(t_steps), afs=afs, denoise_to_zero=opts.denoise_to_zero)
-    outdir = opts.outdir or os.path.join('samples', opts.dataset_name, f'{opts.solver}_nfe{nfe}')
+    outdir = opts.outdir or default_outdir(opts, nfe)
     dnnlib.util.check_writable_dir(outdir)
     t_text = solver_utils.format_t_steps(t_steps)
+    options = {p.name: opts.get(p.name) for p in main.params}
+    options.update(outdir=outdir, device=str(device))
+    record = dict(format=RUN_FORMAT, **identity(state), nfe=nfe, t_steps_text=t_text,
+                  exports=schedule_io.exports(t_steps, model),
+                  schedule_source=run_schedule.schedule_tag(opts), search=search_info,
+                  checkpoint_files=[os.path.abspath(f) for f in getattr(model, 'checkpoint_files', ())],
+                  options=options, given=sorted(given), world_size=world)
+    done = dist.on_rank0(lambda: open_outdir(outdir, record, opts.seed_list, opts.subdirs, opts.grid))
     dist.print0(f'Schedule ({len(t_steps)} points, {opts.solver}, NFE={nfe}): --t_steps={t_text}')
     for line in schedule_io.format_lines(t_steps, model, opts.schedule_format):
         dist.print0(line)
     if getattr(model, 'guidance_passes', 1) > 1:
         dist.print0(f'Classifier-free guidance: {nfe * model.guidance_passes} network passes per image batch row')
+    if done:
+        dist.print0(f'Resuming in {outdir}: {len(done)} of {len(opts.seed_list)} seeds already done')
 
-    record = dict(options={k: v for k, v in opts.items() if k not in ('seed_list', 't_steps_list')},
-                  solver_options=opts.solver_options, nfe=nfe, t_steps=[float(t) for t in t_steps],
-                  t_steps_text=t_text, exports=schedule_io.exports(t_steps, model), world_size=world,
-                  search=search_info)
-    if rank == 0:
-        try:
-            os.makedirs(outdir, exist_ok=True)
-            misc.atomic_write_json(os.path.join(outdir, 'run.json'), record)
-        except OSError as e:
-            raise UserError(f'--outdir: cannot write to "{outdir}": {e.strerror}') from None
-    dist.barrier()
-
-    seeds = opts.seed_list
-    if not opts.grid:   # resume: a seed is finished once its PNG exists
-        seeds = [s for s in seeds if not os.path.isfile(image_path(outdir, s, opts.subdirs))]
+    finished = set(done)
+    seeds = [s for s in opts.seed_list if s not in finished]
     batches = split_batches(seeds, opts.batch, world)[rank::world] if seeds else []
     sample_fn = solvers.SOLVERS[opts.solver]
     grid_parts = []
@@ -212,7 +362,7 @@ def run(opts):
             parts.sort(key=lambda p: position[p[0]])
             misc.atomic_write_bytes(os.path.join(outdir, 'grid.png'), png_bytes(make_grid([p[1] for p in parts])))
     dist.barrier()
-    dist.print0(f'Done: {len(opts.seed_list)} seeds in {outdir}')
+    dist.print0(f'Done: {len(opts.seed_list)} seeds in {outdir}' + (f' ({len(done)} were already there)' if done else ''))
     dist.shutdown()
 
 
@@ -233,7 +383,7 @@ def list_presets(ctx, _param, value):
 @click.option('--seeds', type=str, default='0-63', help='Seeds, e.g. 0-63,100,200-299')
 @click.option('--grid', type=BOOL, default=False, help='Write one grid image instead of one PNG per seed')
 @click.option('--subdirs', type=BOOL, default=False, help='Put images in per-1000-seed subfolders')
-@click.option('--outdir', type=str, default=None, help='Output folder [default: ./samples/<dataset_name>/<solver>_nfe<NFE>]')
+@click.option('--outdir', type=str, default=None, help='Output folder [default: ./samples/<dataset_name>/<solver>_nfe<NFE>[_<schedule>][_afs][_dtz]]')
 @click.option('--device', type=str, default=None, help='torch device [default: cuda if available, else cpu]')
 @click.option('--class_idx', type=int, default=None, help='Class for class-conditional models [default: per seed]')
 @click.option('--use_fp16', type=BOOL, default=None, help='Half precision for networks that support it [default: on for CUDA]')
@@ -279,7 +429,7 @@ def list_presets(ctx, _param, value):
 @click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 4]')
 def main(**kwargs):
     """Sample images from a diffusion model with a fast ODE solver."""
-    run(dnnlib.EasyDict(kwargs))
+    run(dnnlib.EasyDict(kwargs), dnnlib.util.explicit_flags(click.get_current_context()))
 
 
 if __name__ == '__main__':

@@ -102,6 +102,9 @@ def get_schedule(num_steps, sigma_min, sigma_max, schedule_type='polynomial', sc
         raise ValueError(f'--schedule_rho: must be positive (got {schedule_rho})')
     t = SCHEDULE_FNS[schedule_type](int(num_steps), float(sigma_min), float(sigma_max),
                                     rho=float(schedule_rho), model=model).to(torch.float64)
+    # The ends are sigma_max and sigma_min exactly; the formulas land an ulp or two off (e.g.
+    # 79.99999999999997), which only makes the printed schedule harder to read.
+    t[0], t[-1] = float(sigma_max), float(sigma_min)
     if not (torch.isfinite(t).all() and (t > 0).all() and (t[1:] < t[:-1]).all()):
         raise ValueError(f'--schedule_type: the {schedule_type} schedule for num_steps={num_steps}, '
                          f'sigma_min={sigma_min}, sigma_max={sigma_max} is not strictly decreasing')

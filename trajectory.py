@@ -26,9 +26,11 @@ import torch
 import dnnlib
 import gits
 import models
+import run_schedule
 import solver_utils
 import solvers
 from dnnlib.util import UserError
+from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils.seeds import seed_batch
 
@@ -196,7 +198,7 @@ def plot_schedules(path, schedules, title, errors=None):
         ax.bar(range(len(names)), [errors[k] for k in names], color=[f'C{i}' for i in range(len(names))])
         ax.set_xticks(range(len(names)))
         ax.set_xticklabels(names, rotation=20, fontsize=8)
-        ax.set_ylabel('RMSE of the final sample vs. exact ODE solution')
+        ax.set_ylabel('RMSE vs. exact ODE solution (per seed, mean)')
         ax.grid(alpha=0.3, axis='y')
     fig.suptitle(title, fontsize=10)
     _save(fig, path)
@@ -207,7 +209,7 @@ def plot_schedules(path, schedules, title, errors=None):
 # Shared CLI plumbing.
 
 def load_model(opts):
-    device = torch.device(opts.device) if opts.device else torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    device = dist.check_device(opts.device)
     model = models.load(opts.dataset_name, model_path=opts.model_path, device=device,
                         guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate,
                         prompt=opts.prompt, use_fp16=opts.use_fp16)
@@ -266,6 +268,8 @@ def main():
 def analyze(**kwargs):
     """Record trajectories and measure their deviation from a straight line."""
     opts = dnnlib.EasyDict(kwargs)
+    dnnlib.util.refuse_inapplicable(opts, dnnlib.util.explicit_flags(click.get_current_context()),
+                                    run_schedule.SCHEDULE_RULES)
     try:
         seeds = misc.parse_int_list(opts.seeds)
     except ValueError as e:
@@ -311,7 +315,8 @@ def analyze(**kwargs):
 
 def schedule_errors(model, table, solver, options, seeds, device, afs=False):
     """RMSE of `solver` on each schedule of `table` against the analytic model's exact ODE
-    solution (all schedules share their end points, so one exact solve serves them all)."""
+    solution, per seed and then the mean over seeds (all schedules share their end points, so one
+    exact solve serves them all)."""
     noise, denoise = seed_batch(model, seeds, device)
     first = next(iter(table.values()))
     x0 = noise * float(first[0])
@@ -322,7 +327,7 @@ def schedule_errors(model, table, solver, options, seeds, device, afs=False):
             if not (math.isclose(schedule[0], first[0], rel_tol=1e-9) and math.isclose(schedule[-1], first[-1], rel_tol=1e-9)):
                 raise ValueError(f'schedule {name} does not share the end points of {next(iter(table))}')
             out = solvers.SOLVERS[solver](denoise, x0, schedule, afs=afs, **options)
-            errors[name] = float((out.double() - ref).square().mean().sqrt())
+            errors[name] = float(misc.per_seed_rmse(out, ref).mean())
     return errors
 
 

@@ -49,14 +49,18 @@ ATTENTION_SIDE = 32             # --attention_resolutions 32,16,8: the first att
 
 
 def fetch(url_or_path, dataset_name, flag='--model_path'):
-    """Local path -> itself; URL -> file in ./src/<dataset_name>/ (downloaded atomically once)."""
+    """Local path -> itself; URL -> file in ./src/<dataset_name>/ (downloaded atomically once).
+    Errors start with `flag`, the option that named the file (None: the default download, whose
+    message says what to do offline)."""
     if not util.is_url(url_or_path) and not os.path.isfile(url_or_path):
-        raise UserError(f'{flag}: file not found: {url_or_path}')
+        raise UserError(f'{flag or "--model_path"}: file not found: {url_or_path}')
     try:
         return dist.rank0_first(lambda: util.resolve_path(url_or_path, cache_dir=os.path.join('src', dataset_name),
                                                           progress=dist.get_rank() == 0))
     except UserError as e:
-        raise UserError(f'{flag}: {e}') from None
+        if flag is None:
+            raise
+        raise UserError(f'{flag}: {e}', local=e.local) from None
 
 
 def _mismatch(net_shapes, sd):
@@ -196,10 +200,12 @@ def load_imagenet256(model_path=None, device='cpu', guidance_type=None, guidance
     if clf_location is not None and not util.is_url(clf_location) and not os.path.isfile(clf_location):
         raise UserError(f'--model_path: the classifier "{clf_location}" must lie beside the diffusion model '
                         f'for classifier guidance; copy it there, or pass --guidance_rate=0')
-    net = load_unet(fetch(location, 'imagenet256'), network_kwargs=network_kwargs)
-    classifier = None
+    flag = '--model_path' if model_path else None
+    net_path = fetch(location, 'imagenet256', flag)
+    net = load_unet(net_path, network_kwargs=network_kwargs)
+    classifier, path = None, None
     if clf_location is not None:
-        path = fetch(clf_location, 'imagenet256')
+        path = fetch(clf_location, 'imagenet256', flag)
         sd = read_state_dict(path)
         cfg = infer(infer_encoder_config, sd, path, num_head_channels=HEAD_CHANNELS)
         cfg['image_size'] = cfg['image_size'] or net.image_size        # 'adaptive' pool: any size
@@ -210,4 +216,6 @@ def load_imagenet256(model_path=None, device='cpu', guidance_type=None, guidance
                             f'the diffusion model for {net.image_size}px')
     if fp16:
         net.convert_to_fp16()
-    return ADMModel(net, classifier, guidance_rate=rate, device=device)
+    model = ADMModel(net, classifier, guidance_rate=rate, device=device)
+    model.use_fp16, model.checkpoint_files = fp16, tuple(p for p in (net_path, path) if p is not None)
+    return model

@@ -18,6 +18,8 @@ class Model:
     img_resolution = 32
     label_dim = 0                 # >0: class-conditional; class_labels are one-hot [B, label_dim]
     supports_fp16 = False
+    use_fp16 = False              # whether the network runs in half precision (it changes the images)
+    checkpoint_files = ()         # local files the weights were read from (a run's record fingerprints them)
 
     @property
     def shape(self):

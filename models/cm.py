@@ -51,8 +51,10 @@ def load_lsun_bedroom(model_path=None, device='cpu', use_fp16=None, network_kwar
     from . import reject_options
     reject_options('lsun_bedroom', kw)
     fp16 = resolve_fp16(use_fp16, device)
-    net = load_unet(fetch(model_path or MODEL_URL, 'lsun_bedroom'), attention_type='flash',
-                    network_kwargs=network_kwargs)
+    path = fetch(model_path or MODEL_URL, 'lsun_bedroom', flag='--model_path' if model_path else None)
+    net = load_unet(path, attention_type='flash', network_kwargs=network_kwargs)
     if fp16:
         net.convert_to_fp16()
-    return CMEDMModel(net, device=device)
+    model = CMEDMModel(net, device=device)
+    model.use_fp16, model.checkpoint_files = fp16, (path,)
+    return model

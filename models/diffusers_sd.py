@@ -254,7 +254,7 @@ def _read_json(path, where):
 
 
 def _part(folder, name):
-    """(config, weights or None, where) of one component folder."""
+    """(config, weights or None, where, the file that determines it) of one component folder."""
     where = f'--model_path: "{os.path.join(folder, name)}"'
     sub = os.path.join(folder, name)
     files = WEIGHT_FILES.get(name, ())
@@ -266,11 +266,11 @@ def _part(folder, name):
         raise UserError(f'{where}: no {CONFIG_FILES[name]} (a diffusers model folder needs {needs})')
     config = _read_json(config_path, where)
     if not files:
-        return config, None, where
+        return config, None, where, config_path
     path = next((os.path.join(sub, f) for f in files if os.path.isfile(os.path.join(sub, f))), None)
     if path is None:
         raise UserError(f'{where}: no weights ({" or ".join(files)})')
-    return config, read_state_dict(path), f'--model_path: "{path}"'
+    return config, read_state_dict(path), f'--model_path: "{path}"', path
 
 
 def check_tokenizer(folder):
@@ -290,11 +290,12 @@ def check_tokenizer(folder):
 
 def load_folder(folder):
     """(params in the ckpt config's `model.params` form, state dict with the .ckpt key names,
-    `where` for later messages) of a diffusers SD v1 folder."""
-    unet_cfg, unet_w, unet_where = _part(folder, 'unet')
-    vae_cfg, vae_w, vae_where = _part(folder, 'vae')
-    text_cfg, text_w, _ = _part(folder, 'text_encoder')
-    sched_cfg, _, sched_where = _part(folder, 'scheduler')
+    `where` for later messages, the files read: the run's checkpoint identity) of a diffusers SD v1
+    folder."""
+    unet_cfg, unet_w, unet_where, unet_file = _part(folder, 'unet')
+    vae_cfg, vae_w, vae_where, vae_file = _part(folder, 'vae')
+    text_cfg, text_w, _, text_file = _part(folder, 'text_encoder')
+    sched_cfg, _, sched_where, sched_file = _part(folder, 'scheduler')
     check_tokenizer(folder)
     unet, attn = unet_params(unet_cfg, unet_where)
     vae = vae_params(vae_cfg, vae_where)
@@ -311,4 +312,4 @@ def load_folder(folder):
     sd.update({CKPT_PREFIX['vae'] + k: v for k, v in rename(
         vae_w, vae_renames(len(vae['ddconfig']['ch_mult']), vae['ddconfig']['num_res_blocks']), vae_where).items()})
     sd.update({CKPT_PREFIX['text_encoder'] + k: v for k, v in text_w.items()})
-    return params, sd, f'--model_path: "{folder}"'
+    return params, sd, f'--model_path: "{folder}"', (unet_file, vae_file, text_file, sched_file)

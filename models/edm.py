@@ -63,7 +63,9 @@ def load_edm(dataset_name, model_path=None, device='cpu', use_fp16=None, **kw):
     resolve_fp16(use_fp16, device)         # refuse --use_fp16=True off CUDA before any download
     path, cached = checkpoint_file(dataset_name, model_path)
     net = load_network(path, cached=cached, flag='--model_path' if model_path is not None else '--dataset_name')
-    return EDMModel(net, device=device, use_fp16=resolve_fp16(use_fp16, device, default=bool(getattr(net, 'use_fp16', False))))
+    model = EDMModel(net, device=device, use_fp16=resolve_fp16(use_fp16, device, default=bool(getattr(net, 'use_fp16', False))))
+    model.checkpoint_files = (path,)
+    return model
 
 
 load_cifar10 = functools.partial(load_edm, 'cifar10')

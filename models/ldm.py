@@ -295,13 +295,15 @@ class LatentDiffusion(DiscreteVPModel):
 
 
 def load_parts(dataset_name, model_path, default_config, url):
-    """(model params from the config, state dict, where) for a latent-diffusion model; `where`
-    starts the error messages about this checkpoint (the flag and the file)."""
+    """(model params from the config, state dict, where, files) for a latent-diffusion model;
+    `where` starts the error messages about this checkpoint (the flag and the file); `files` are
+    the checkpoint and its config file, if any (the run's checkpoint identity)."""
     # rank 0 first: it may download and unpack; the other ranks then find the files in place.
     ckpt, config_path = dist.rank0_first(lambda: locate(dataset_name, model_path, url))
     cfg = read_config(config_path) if config_path else copy.deepcopy(default_config)
     dist.print0(f'Loading {dataset_name} from "{ckpt}" (config: {config_path or "built-in"})...')
-    return cfg['model']['params'], load_state_dict(ckpt), f'--model_path: "{ckpt}"'
+    files = (ckpt, config_path) if config_path else (ckpt,)
+    return cfg['model']['params'], load_state_dict(ckpt), f'--model_path: "{ckpt}"', files
 
 
 def build_ldm(params, sd, where, device='cpu', use_fp16=False):
@@ -326,8 +328,9 @@ def load_ldm(dataset_name, model_path=None, device='cpu', guidance_type=None, gu
     if guidance_rate is not None and guidance_rate != 1:
         raise UserError(f'--guidance_rate: {dataset_name} is unconditional and takes no guidance rate')
     use_fp16 = resolve_fp16(use_fp16, device)
-    params, sd, where = load_parts(dataset_name, model_path, LDM_VQ4_CONFIG, URLS[dataset_name])
+    params, sd, where, files = load_parts(dataset_name, model_path, LDM_VQ4_CONFIG, URLS[dataset_name])
     model = build_ldm(params, sd, where, device=device, use_fp16=use_fp16)
+    model.checkpoint_files = files
     dist.print0(f'UNet weights: {"EMA (model_ema.*)" if model.used_ema else "raw"}')
     return model
 

@@ -168,11 +168,12 @@ def load_ms_coco(model_path=None, device='cpu', guidance_type=None, guidance_rat
     use_fp16 = resolve_fp16(use_fp16, device)
     if model_path is not None and is_diffusers_folder(model_path):
         dist.print0(f'Loading ms_coco from the diffusers folder "{model_path}"...')
-        params, sd, where = load_folder(model_path)
+        params, sd, where, files = load_folder(model_path)
     else:
-        params, sd, where = load_parts('ms_coco', model_path, V1_CONFIG, URL)
+        params, sd, where, files = load_parts('ms_coco', model_path, V1_CONFIG, URL)
     model = build_sd(params, sd, where, device=device, use_fp16=use_fp16, guidance_rate=rate, prompt=prompt,
                      prompts=prompts, prompt_file=prompt_file)
+    model.checkpoint_files = files
     dist.print0(f'Classifier-free guidance rate {rate}; prompts: '
                 + (f'{len(prompts)} from "{prompt_file}"' if prompts is not None else repr(prompt)))
     return model

@@ -1,10 +1,11 @@
-"""Shared test utilities: run the CLIs in a subprocess and check the one-line error contract;
-golden files, dropped network paths, and tiny checkpoints in the released layouts."""
+"""Shared test utilities: run the CLIs in a subprocess or in this process and check the one-line
+error contract; golden files, dropped network paths, and tiny checkpoints in the released layouts."""
 
 import contextlib
 import copy
 import functools
 import http.server
+import io
 import json
 import os
 import pathlib
@@ -29,6 +30,31 @@ def run_cli(script, *args, env=None, timeout=600, cwd=None):
     full_env.update(env or {})
     return subprocess.run([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=cwd or ROOT,
                           capture_output=True, text=True, env=full_env, timeout=timeout)
+
+
+def run_here(command, *args, cwd=None):
+    """A CLI's click command run in this process through dnnlib.run_cli, as the script runs it
+    (skips the seconds of a fresh interpreter). Returns a CompletedProcess like run_cli's; an
+    exception that run_cli lets through (a traceback, in a real run) fails the calling test."""
+    import dnnlib
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.ExitStack() as stack:
+        if cwd is not None:          # contextlib.chdir needs Python 3.11
+            stack.callback(os.chdir, os.getcwd())
+            os.chdir(cwd)
+        stack.enter_context(contextlib.redirect_stdout(out))
+        stack.enter_context(contextlib.redirect_stderr(err))
+        try:
+            dnnlib.run_cli(command, [str(a) for a in args])
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    return subprocess.CompletedProcess(['run_here', *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
+def listing(folder):
+    """Every path under `folder` (files and folders), relative, for 'nothing was written' checks."""
+    return sorted(os.path.relpath(os.path.join(d, n), folder) for d, dirs, files in os.walk(folder) for n in dirs + files)
 
 
 def torchrun(script, nproc, *args, timeout=600, cwd=None):

@@ -287,6 +287,11 @@ def server(files):
 
 def test_download_puts_both_files_in_src_cache(tmp_path, monkeypatch, server, files):
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(adm, 'MODEL_URL', server + 'missing_diffusion.pt')
+    with pytest.raises(UserError) as e:                  # the default download: --model_path was not given
+        models.load('imagenet256')
+    assert str(e.value).startswith('download of ') and 'pass its local path with --model_path' in str(e.value)
+    assert not (tmp_path / 'src').exists()               # no empty ./src/imagenet256/ left behind
     monkeypatch.setattr(adm, 'MODEL_URL', server + 'tiny_diffusion.pt')
     model = models.load('imagenet256')                   # default location: model + classifier beside
     cache = tmp_path / 'src' / 'imagenet256'

@@ -187,3 +187,38 @@ def test_weights_download_into_cache(tmp_path, tiny, capsys, monkeypatch):
     assert os.listdir(tmp_path / 'cache' / 'open_clip') == ['tiny-clip.pt']
     assert got == pytest.approx(direct_score(tiny, tmp_path / 'imgs', [0, 1, 2], PROMPTS), abs=5e-5)
     assert clip_score.DEFAULT_MODEL == 'ViT-g-14' and clip_score.DEFAULT_PRETRAINED == 'laion2b_s34b_b88k'
+
+
+def test_offline_without_cached_weights_fails_at_once(tmp_path):
+    """No cached weights and no network (an endpoint that refuses connections): one line that says
+    where the weights go or how to pass them, without Hugging Face's retries."""
+    make_samples(tmp_path / 'imgs', [0])
+    r = run_cli('clip_score.py', 'calc', f'--images={tmp_path / "imgs"}', '--device=cpu',
+                env=dict(GITS_CACHE_DIR=str(tmp_path / 'cache'), HF_ENDPOINT='http://127.0.0.1:9'))
+    assert_one_line_error(r, '--pretrained')
+    assert '--pretrained=FILE' in r.stderr and str(tmp_path / 'cache' / 'open_clip') in r.stderr
+    assert 'Retry' not in r.stdout + r.stderr
+    assert not (tmp_path / 'cache').exists()
+
+
+def test_cached_tag_weights_load_without_network(tmp_path, tiny, capsys, monkeypatch):
+    """A pretrained tag whose file is in the cache (Hugging Face's layout) is read from there with
+    no network request: the tag's repository does not exist, so any request would fail."""
+    from open_clip import pretrained as oc_pretrained
+    config, ckpt = tiny
+    monkeypatch.setenv('GITS_CACHE_DIR', str(tmp_path / 'cache'))
+    def no_network(*args, **kwargs):
+        raise AssertionError('open_clip asked the Hugging Face hub although the weights are cached')
+
+    monkeypatch.setattr(oc_pretrained, 'hf_hub_download', no_network)
+    monkeypatch.setitem(oc_pretrained._PRETRAINED, 'tiny-clip', {'testtag': dict(
+        hf_hub='gits-tests/no-such-repo/', mean=(0.48145466, 0.4578275, 0.40821073), std=(0.26862954, 0.26130258, 0.27577711))})
+    repo = tmp_path / 'cache' / 'open_clip' / 'models--gits-tests--no-such-repo'
+    (repo / 'refs').mkdir(parents=True)
+    (repo / 'refs' / 'main').write_text('0123456789abcdef')
+    (repo / 'snapshots' / '0123456789abcdef').mkdir(parents=True)
+    (repo / 'snapshots' / '0123456789abcdef' / 'open_clip_pytorch_model.bin').write_bytes(ckpt.read_bytes())
+    make_samples(tmp_path / 'imgs', [0, 1, 2])
+    got = printed_score(clip_here(capsys, 'calc', f'--images={tmp_path / "imgs"}', f'--model={config}',
+                                  '--pretrained=testtag', '--workers=0'))
+    assert got == pytest.approx(direct_score(tiny, tmp_path / 'imgs', [0, 1, 2], PROMPTS), abs=5e-5)

@@ -134,6 +134,13 @@ def test_bad_options_and_files_are_one_line_user_errors(files, kwargs, flag):
 def test_download_into_src_cache(tmp_path, monkeypatch, files):
     with serve_folder(files) as base:
         monkeypatch.chdir(tmp_path)
+        # The default download failing: the message does not blame --model_path, which was not
+        # given (it names it as the offline way out), and no empty ./src/lsun_bedroom/ is left.
+        monkeypatch.setattr(cm, 'MODEL_URL', base + 'nothing.pt')
+        with pytest.raises(UserError) as e:
+            models.load('lsun_bedroom')
+        assert str(e.value).startswith('download of ') and 'pass its local path with --model_path' in str(e.value)
+        assert not (tmp_path / 'src').exists()
         monkeypatch.setattr(cm, 'MODEL_URL', base + 'tiny_cm.pt')
         model = models.load('lsun_bedroom')
         assert os.listdir(tmp_path / 'src' / 'lsun_bedroom') == ['tiny_cm.pt']

@@ -70,6 +70,17 @@ def test_failed_download_leaves_nothing(server, tmp_path, path):
     assert server + path in msg and str(tmp_path / 'net.pkl') in msg and '--model_path' in msg
     assert '\n' not in msg
     assert os.listdir(tmp_path) == []
+    # Nor the folders it created for the file (e.g. ./src/<model>/), while existing ones stay.
+    with pytest.raises(UserError):
+        resolve_path(server + path, cache_dir=tmp_path / 'src' / 'model', progress=False)
+    assert os.listdir(tmp_path) == []
+
+
+def test_unreachable_host_is_one_short_reason(tmp_path):
+    with pytest.raises(UserError) as e:
+        resolve_path('http://127.0.0.1:9/net.pkl', cache_dir=tmp_path / 'src', progress=False)
+    assert 'cannot connect: Connection refused' in str(e.value) and 'HTTPConnectionPool' not in str(e.value)
+    assert os.listdir(tmp_path) == []
 
 
 def test_local_path_and_file_url(tmp_path):

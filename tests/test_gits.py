@@ -11,7 +11,7 @@ import torch
 import gits
 import solver_utils
 import solvers
-from helpers import assert_one_line_error, run_cli, torchrun
+from helpers import assert_one_line_error, listing, run_cli, run_here, torchrun
 
 
 def brute_force(cost, num_points, coeff):
@@ -153,6 +153,49 @@ def test_save_schedules_then_sample_from_file(tmp_path):
         assert not (tmp_path / 'y').exists()
 
 
+def test_schedule_file_records_its_run_and_refuses_another(tmp_path):
+    """A schedule file records what it was searched for and how; sampling from it refuses a
+    different model, solver, solver option or afs, and any named schedule or search flag that
+    differs from the file. The file's folder is created; bad files fail in one line."""
+    import sample
+    path = tmp_path / 'new' / 'sub' / 'sched.json'
+    search = ['--dataset_name=digits', '--solver=ipndm', '--num_warmup=4', '--num_steps_tea=13']
+    r = run_here(sample.main, *search, '--dp=True', f'--save_schedules={path}', '--save_num_steps=4-6')
+    assert r.returncode == 0, r.stderr
+    saved = json.loads(path.read_text())
+    assert {k: saved[k] for k in ('dataset_name', 'solver', 'afs', 'schedule_type', 'schedule_rho', 'coeff', 'num_warmup')} == \
+        dict(dataset_name='digits', solver='ipndm', afs=False, schedule_type='polynomial', schedule_rho=7.0, coeff=1.15,
+             num_warmup=4)
+    assert saved['solver_options'] == {'max_order': 4} and (saved['sigma_min'], saved['sigma_max']) == (0.002, 80.0)
+    use = ['--seeds=0-1', '--num_steps=5', f'--schedule_file={path}']
+    r = run_here(sample.main, '--dataset_name=digits', *use, f'--outdir={tmp_path / "ok"}', '--schedule_type=polynomial',
+                 '--schedule_rho=7', '--coeff=1.15', '--num_warmup=4', '--max_order=4')      # named, and the same
+    assert r.returncode == 0, r.stderr
+    assert json.loads((tmp_path / 'ok' / 'run.json').read_text())['t_steps'] == saved['schedules']['5']
+    before = listing(tmp_path)
+    for args, flag in ((['--dataset_name=gmm'], '--dataset_name'), (['--solver=euler'], '--solver'),
+                       (['--max_order=3'], '--max_order'), (['--afs=True'], '--afs'),
+                       (['--schedule_rho=5'], '--schedule_rho'), (['--schedule_type=logsnr'], '--schedule_type'),
+                       (['--sigma_max=50'], '--sigma_max'), (['--coeff=2'], '--coeff'),
+                       (['--num_warmup=8'], '--num_warmup'), (['--search=student'], '--search'),
+                       (['--save_schedules=x.json'], '--save_schedules')):
+        dataset = [] if flag == '--dataset_name' else ['--dataset_name=digits']
+        r = run_here(sample.main, *dataset, *use, *args, f'--outdir={tmp_path / "no"}', cwd=tmp_path)
+        assert_one_line_error(r, flag)
+        assert str(path) in r.stderr or flag == '--save_schedules', r.stderr
+    # Files that are not schedule files.
+    (tmp_path / 'text.json').write_text('not json')
+    (tmp_path / 'other.json').write_text('{"format": "something else"}')
+    del saved['coeff']
+    (tmp_path / 'old.json').write_text(json.dumps(saved))     # a file that does not record --coeff
+    for name, args in (('text.json', []), ('other.json', []), ('missing.json', []), ('old.json', ['--coeff=1.15'])):
+        r = run_here(sample.main, '--dataset_name=digits', '--seeds=0-1', '--num_steps=5', f'--schedule_file={tmp_path / name}',
+                     *args, f'--outdir={tmp_path / "no"}')
+        assert_one_line_error(r, '--coeff' if args else '--schedule_file')
+        assert "('schedules')" not in r.stderr
+    assert listing(tmp_path) == sorted(before + ['text.json', 'other.json', 'old.json'])
+
+
 BAD = [
     (['--metric=bdev'], '--metric'),
     (['--num_steps_tea=5', '--num_steps=7'], '--num_steps_tea'),
@@ -169,6 +212,8 @@ BAD = [
 
 @pytest.mark.parametrize('args,flag', BAD)
 def test_bad_gits_flags(tmp_path, args, flag):
-    r = run_cli('sample.py', '--dataset_name=digits', '--solver=heun', '--dp=True', *args, f'--outdir={tmp_path / "o"}')
+    import sample
+    outdir = [] if any(a.startswith('--save_schedules') for a in args) else [f'--outdir={tmp_path / "o"}']
+    r = run_here(sample.main, '--dataset_name=digits', '--solver=heun', '--dp=True', *args, *outdir, cwd=tmp_path)
     assert_one_line_error(r, flag)
-    assert not (tmp_path / 'o').exists()
+    assert listing(tmp_path) == []

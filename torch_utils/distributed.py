@@ -1,20 +1,21 @@
 """Process-group helpers. Works under torchrun (reads RANK / WORLD_SIZE / LOCAL_RANK) and as a
 plain single process without any launcher."""
 
+import atexit
+import functools
 import os
 
 import torch
 import torch.distributed as dist
 
-from dnnlib.util import UserError
+from dnnlib.util import PeerFailure, UserError
 
 
 def init(device=None):
     """Initialise the default process group when launched by torchrun (NCCL for CUDA, gloo for
-    the CPU); a no-op otherwise. Returns the torch.device this process should use."""
-    device = torch.device(device) if device is not None else default_device()
-    if device.type == 'cuda' and device.index is None:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    the CPU); a no-op otherwise. Returns the torch.device this process should use (`device`
+    checked with `check_device` first)."""
+    device = check_device(device)
     if device.type == 'cuda':
         torch.cuda.set_device(device)
     if int(os.environ.get('WORLD_SIZE', '1')) > 1 and not dist.is_initialized():
@@ -23,11 +24,51 @@ def init(device=None):
             dist.init_process_group(backend=backend, device_id=device)
         else:
             dist.init_process_group(backend=backend)
+        # Leave no live process group behind on any exit, error or not: its communication
+        # threads can abort the exiting process ("terminate called without an active exception").
+        atexit.register(shutdown)
     return device
 
 
 def default_device():
     return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+
+
+def available_devices():
+    """The device strings this machine can run on, for error messages."""
+    out = ['cpu']
+    if torch.cuda.is_available():
+        out += [f'cuda:{i}' for i in range(torch.cuda.device_count())]
+    if getattr(torch.backends, 'mps', None) is not None and torch.backends.mps.is_available():
+        out.append('mps')
+    return out
+
+
+def check_device(text=None, flag='--device'):
+    """The torch.device for `text` (None: cuda if available, else cpu), or a UserError in one line
+    naming what was given and what is available. A CUDA device without an index is this
+    process's LOCAL_RANK under torchrun. Meant to be called at startup, before any model loads."""
+    if text is None:
+        device = default_device()
+    else:
+        try:
+            device = torch.device(text)
+        except (RuntimeError, ValueError):
+            raise UserError(f'{flag}: "{text}" is not a device name; available here: '
+                            f'{", ".join(available_devices())}') from None
+    if device.type == 'cuda' and device.index is None:
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+    if device.type == 'cpu':
+        return device
+    usable = {'cuda': lambda i: torch.cuda.is_available() and i < torch.cuda.device_count(),
+              'mps': lambda i: (getattr(torch.backends, 'mps', None) is not None
+                                and torch.backends.mps.is_available() and (i or 0) == 0)}
+    if device.type not in usable or not usable[device.type](device.index):
+        given = f'"{text}"' if text is not None else 'the default device'
+        if str(device) != text:
+            given += f' ({device})'
+        raise UserError(f'{flag}: {given} is not available here; available: {", ".join(available_devices())}')
+    return device
 
 
 def is_distributed():
@@ -42,11 +83,39 @@ def get_world_size():
     return dist.get_world_size() if is_distributed() else 1
 
 
+def collective(fn):
+    """A collective operation whose failure means that another process is gone (it exited on an
+    error, which it reports itself): this process then stops quietly with PeerFailure instead of
+    a traceback of the backend's "Connection closed by peer"."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except RuntimeError as e:
+            if not (is_distributed() and _peer_lost(e)):
+                raise                   # a fault of this process: its traceback is wanted
+            reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise PeerFailure(f'another process of this run failed ({reason})') from None
+    return wrapper
+
+
+PEER_LOST = ('closed by peer', 'reset by peer', 'broken pipe', 'connection refused', 'timed out')
+
+
+def _peer_lost(e):
+    """Whether a collective failed because a peer process is gone: NCCL says so with its own
+    exception type, gloo only in the message."""
+    backend_error = getattr(dist, 'DistBackendError', ())
+    return isinstance(e, backend_error) or any(text in str(e).lower() for text in PEER_LOST)
+
+
+@collective
 def barrier():
     if is_distributed():
         dist.barrier()
 
 
+@collective
 def all_reduce_sum(tensor):
     """Sum `tensor` over all processes and return the result (a new tensor on tensor's device).
     gloo reduces on the CPU; NCCL needs the tensor on the current CUDA device."""
@@ -62,6 +131,7 @@ def all_reduce_sum(tensor):
     return work.to(tensor.device)
 
 
+@collective
 def all_gather_object(obj):
     """List of `obj` from every rank, in rank order."""
     if not is_distributed():
@@ -85,6 +155,7 @@ def sum_over_ranks(value):
     return sum(all_gather_object(value))
 
 
+@collective
 def broadcast_object(obj, src=0):
     if not is_distributed():
         return obj
@@ -96,7 +167,8 @@ def broadcast_object(obj, src=0):
 def rank0_first(fn):
     """fn() on rank 0 first (it may download or unpack), then on the other ranks, which find the
     files in place instead of racing for them. A UserError on rank 0 is raised on every rank, so
-    none is left waiting. Without torchrun it is just fn()."""
+    none is left waiting (and rank 0 alone prints it); one that only a later rank meets is its
+    own to print. Without torchrun it is just fn()."""
     if not is_distributed():
         return fn()
     result, error = None, None
@@ -108,7 +180,31 @@ def rank0_first(fn):
     error = broadcast_object(error)
     if error is not None:
         raise UserError(error)
-    return result if get_rank() == 0 else fn()
+    if get_rank() == 0:
+        return result
+    try:
+        return fn()
+    except UserError as e:
+        e.local = True
+        raise
+
+
+def on_rank0(fn):
+    """fn() on rank 0 alone, its result broadcast to every rank; a UserError there is raised on
+    every rank (rank 0 prints it). For work that must happen once: a check of the output folder
+    and its record, a file written for all. Without torchrun it is just fn()."""
+    if not is_distributed():
+        return fn()
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except UserError as e:
+            error = str(e)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise UserError(error)
+    return result
 
 
 def resolve_file(url_or_path, flag, cache_dir):

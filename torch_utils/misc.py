@@ -1,5 +1,7 @@
-"""Small helpers: seed lists, per-seed random draws, the per-seed error, atomic file writes."""
+"""Small helpers: seed lists, per-seed random draws, the per-seed error, atomic file writes, file
+fingerprints."""
 
+import hashlib
 import json
 import os
 import re
@@ -68,3 +70,24 @@ def atomic_write_bytes(path, data):
 
 def atomic_write_json(path, obj):
     atomic_write_bytes(path, (json.dumps(obj, indent=2) + '\n').encode())
+
+
+def file_fingerprint(path, whole=False, chunk=1 << 20):
+    """Identity of a file's content: its size and a SHA-256, of the whole file (`whole`, for small
+    files) or of its first and last MiB (for multi-GB checkpoints). Unlike a path or a modification
+    time it survives copies and fresh downloads of the same file; the head/tail hash costs two small
+    reads, and checkpoints that differ in their weights differ there: a torch.save zip ends with its
+    central directory, which holds every entry's CRC-32; a pickle or safetensors file ends with
+    weight data."""
+    size = os.path.getsize(path)
+    digest = hashlib.sha256()
+    with open(path, 'rb') as f:
+        if whole:
+            for block in iter(lambda: f.read(chunk), b''):
+                digest.update(block)
+            return dict(size=size, sha256=digest.hexdigest())
+        digest.update(f.read(chunk))
+        if size > chunk:
+            f.seek(max(chunk, size - chunk))
+            digest.update(f.read(chunk))
+    return dict(size=size, sha256_head_tail=digest.hexdigest())
