@@ -59,8 +59,9 @@ def test_registry_defaults():
     for name in ('ipndm', 'ipndm_v'):
         assert r(name, none) == dict(max_order=4)
     assert r('deis', none) == dict(max_order=4, deis_mode='tab')
-    assert r('dpmpp', none) == dict(max_order=3, predict_x0=True, lower_order_final=True)
-    assert r('unipc', none) == dict(max_order=3, predict_x0=True, lower_order_final=True, variant='bh2')
+    assert r('dpmpp', none) == dict(max_order=3, predict_x0=True, lower_order_final=True, thresholding=False)
+    assert r('unipc', none) == dict(max_order=3, predict_x0=True, lower_order_final=True, variant='bh2',
+                                    thresholding=False)
     for name in ('ipndm', 'ipndm_v', 'deis'):
         assert solvers.SOLVER_SPECS[name].max_order_range == (1, 4)
     for name in ('dpmpp', 'unipc'):
