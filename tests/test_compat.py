@@ -12,17 +12,9 @@ import torch
 import gits_main_reference as official
 import solver_utils as su
 import solvers
+from test_solvers import CONFIGS      # every solver with every option combination
 
 COMPAT = 'gits-main'
-
-CONFIGS = [('euler', {}), ('heun', {}), ('dpm', {})]
-CONFIGS += [('ipndm', dict(max_order=k)) for k in (1, 2, 3, 4)]
-CONFIGS += [('ipndm_v', dict(max_order=k)) for k in (1, 2, 3, 4)]
-CONFIGS += [('deis', dict(max_order=k, deis_mode=m)) for k in (1, 2, 3, 4) for m in ('tab', 'rhoab')]
-CONFIGS += [('dpmpp', dict(max_order=k, predict_x0=px, lower_order_final=lof))
-            for k in (1, 2, 3) for px in (True, False) for lof in (True, False)]
-CONFIGS += [('unipc', dict(max_order=k, predict_x0=px, lower_order_final=lof, variant=v))
-            for k in (1, 2, 3) for px in (True, False) for lof in (True, False) for v in ('bh1', 'bh2')]
 
 SCHEDULES = {     # 3, 6 and 11 time points: polynomial, a rough GITS-like one, logsnr
     3: tuple(su.get_schedule(3, 0.002, 80, 'polynomial', 7).tolist()),
