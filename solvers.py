@@ -2,19 +2,24 @@
 
 Every solver has one signature,
 
-    fn(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, **options)
+    fn(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None, **options)
 
 `x` is already at noise level t_steps[0]. It returns the final x, or (x, inters) where inters
 stacks the trajectory at every point of t_steps (plus D(x_last) with denoise_to_zero).
 `SOLVERS` maps names to functions; `SOLVER_SPECS` records each solver's options, their defaults
 and ranges, and its denoiser evaluations per step (for NFE accounting).
+
+compat='gits-main' reproduces the official GITS code (zju-pi/diff-sampler, gits-main): the same
+output (to round-off) and the same denoiser calls wherever that code runs, and a ValueError
+where it crashes. The multistep solvers then take the official coefficient tables and step-order
+rules (solver_utils), and dpmpp/unipc threshold their data prediction; euler, heun and dpm are
+the same in both. Every difference is listed, with which side is right, in the README.
 """
 
 import dataclasses
 
-
 import solver_utils
-from solver_utils import History, afs_slope, combine, finish
+from solver_utils import History, afs_slope, combine, dynamic_threshold, finish
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,6 +27,7 @@ class SolverSpec:
     evals_per_step: int = 1
     defaults: dict = dataclasses.field(default_factory=dict)   # option -> default
     max_order_range: tuple = None                              # (lo, hi) when max_order is taken
+    extra_evals: object = None      # (num_points, options, compat) -> evaluations beyond the steps'
 
 
 SOLVERS = {}
@@ -30,21 +36,52 @@ SOLVER_SPECS = {}
 OPTION_CHOICES = {'variant': ('bh1', 'bh2'), 'deis_mode': ('tab', 'rhoab')}
 
 
-def register(name, evals_per_step=1, max_order_range=None, **defaults):
+def register(name, evals_per_step=1, max_order_range=None, extra_evals=None, **defaults):
     def decorator(fn):
         SOLVERS[name] = fn
-        SOLVER_SPECS[name] = SolverSpec(evals_per_step, dict(defaults), max_order_range)
+        SOLVER_SPECS[name] = SolverSpec(evals_per_step, dict(defaults), max_order_range, extra_evals)
         return fn
     return decorator
 
 
-def resolve_options(solver, options):
+def _resolve_thresholding(solver, given, compat):
+    """The thresholding setting: default off, or on where compat follows the official code (which
+    always thresholds the data prediction of dpmpp and unipc); None for the other solvers."""
+    spec = SOLVER_SPECS[solver]
+    takes = 'thresholding' in spec.defaults
+    data_prediction = takes and given.get('predict_x0', spec.defaults.get('predict_x0'))
+    if 'thresholding' in given and not data_prediction and (given['thresholding'] or not takes):
+        has = 'it has --predict_x0=False' if takes else 'it has none'
+        raise ValueError(f'--thresholding: only dpmpp and unipc with --predict_x0=True threshold a data '
+                         f'prediction (solver "{solver}": {has})')
+    if compat is not None and data_prediction and given.get('thresholding') is False:
+        raise ValueError(f'--thresholding: --compat={compat} always thresholds the data prediction, as the '
+                         'official code does (drop --thresholding=False or --compat)')
+    return bool(given.get('thresholding', compat is not None and data_prediction)) if takes else None
+
+
+def _official_failure(solver, out, compat, num_points):
+    """Why the official code (compat) fails on these options and this many time points, or None."""
+    if compat is None:
+        return None
+    if solver in ('ipndm', 'ipndm_v', 'deis') and int(out['max_order']) == 1:
+        return (f'--max_order: the official gits-main {solver} crashes with max_order=1 (its history buffer '
+                f'update fails after the first step); use 2..4 with --compat={compat}')
+    if solver == 'deis' and out['deis_mode'] == 'rhoab' and num_points is not None:
+        return solver_utils.gits_deis_rhoab_failure(int(num_points), int(out['max_order']))
+    return None
+
+
+def resolve_options(solver, options, compat=None, num_points=None):
     """Validate the user's options for `solver` (None means 'not given') and fill in defaults.
-    Raises ValueError with one line naming the flag and the allowed values."""
+    With `compat`, also refuse what the official code cannot run (some checks need `num_points`,
+    the schedule's length). Raises ValueError with one line naming the flag and the allowed values."""
+    solver_utils.check_compat(compat)
     if solver not in SOLVERS:
         raise ValueError(f'--solver: unknown solver "{solver}"; choose one of {", ".join(SOLVERS)}')
     spec = SOLVER_SPECS[solver]
     given = {k: v for k, v in options.items() if v is not None}
+    thresholding = _resolve_thresholding(solver, given, compat)
     for key in given:
         if key not in spec.defaults:
             takes = ', '.join('--' + k for k in spec.defaults) or 'no options'
@@ -57,24 +94,42 @@ def resolve_options(solver, options):
     for key, choices in OPTION_CHOICES.items():
         if key in given and given[key] not in choices:
             raise ValueError(f'--{key}: must be one of {", ".join(choices)} (got "{given[key]}")')
+    if thresholding is not None:
+        out['thresholding'] = thresholding
+    failure = _official_failure(solver, out, compat, num_points)
+    if failure:
+        raise ValueError(failure)
     return out
 
 
-def count_nfe(solver, num_points, afs=False, denoise_to_zero=False):
-    """Denoiser evaluations used by `solver` on a schedule of `num_points` noise levels."""
+def count_nfe(solver, num_points, afs=False, denoise_to_zero=False, compat=None, **options):
+    """Denoiser evaluations used by `solver` on a schedule of `num_points` noise levels (options:
+    the solver's, None or missing for its default; they matter only where compat changes the count)."""
+    solver_utils.check_compat(compat)
+    spec = SOLVER_SPECS[solver]
     steps = num_points - 1
-    return steps * SOLVER_SPECS[solver].evals_per_step - int(bool(afs)) + int(bool(denoise_to_zero))
+    extra = 0
+    if spec.extra_evals is not None:
+        given = {k: v for k, v in options.items() if v is not None and k in spec.defaults}
+        extra = spec.extra_evals(num_points, dict(spec.defaults, **given), compat)
+    return steps * spec.evals_per_step + extra - int(bool(afs)) + int(bool(denoise_to_zero))
 
 
 def _floats(t_steps):
     return [float(t) for t in t_steps]
 
 
+def _one_step_checked(name, compat):
+    """euler, heun and dpm take no options, and the official code computes them as we do."""
+    resolve_options(name, {}, compat)
+
+
 # ----------------------------------------------------------------------------------------------
 
 @register('euler')
-def euler(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False):
+def euler(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None):
     """Explicit Euler in sigma."""
+    _one_step_checked('euler', compat)
     ts = _floats(t_steps)
     inters = [x]
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
@@ -85,9 +140,10 @@ def euler(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inter
 
 
 @register('heun', evals_per_step=2)
-def heun(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False):
+def heun(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None):
     """Heun's second-order method (EDM's deterministic sampler): Euler predictor, trapezoidal
     corrector, 2 evaluations a step."""
+    _one_step_checked('heun', compat)
     ts = _floats(t_steps)
     inters = [x]
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
@@ -104,10 +160,11 @@ def heun(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters
 
 
 @register('dpm', evals_per_step=2)
-def dpm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False):
+def dpm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None):
     """DPM-Solver-2 (r = 1/2) in EDM variables: in noise prediction the exponential integrator
     is Euler in sigma, so it is an Euler half step to the geometric midpoint sqrt(t t_next) (the
     midpoint in lambda) followed by a full step with the midpoint slope. 2 evaluations a step."""
+    _one_step_checked('dpm', compat)
     ts = _floats(t_steps)
     inters = [x]
     for i, (t_cur, t_next) in enumerate(zip(ts[:-1], ts[1:])):
@@ -123,33 +180,42 @@ def dpm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=
 # ----------------------------------------------------------------------------------------------
 # Multistep solvers: a coefficient table from solver_utils (once per schedule) and one loop.
 
-def _output(denoise, x, t, form):
-    """The model output a table combines: D ('x0') or the slope d = (x - D) / t ('eps')."""
+def _output(denoise, x, t, form, thresholding):
+    """The model output a table combines: D ('x0', optionally thresholded) or the slope
+    d = (x - D) / t ('eps')."""
     D = denoise(x, t)
-    return D if form == 'x0' else (x - D) / t
+    if form == 'eps':
+        return (x - D) / t
+    return dynamic_threshold(D) if thresholding else D
 
 
-def _first_output(denoise, x, t, form, afs):
+def _first_output(denoise, x, t, form, thresholding, afs):
     if not afs:
-        return _output(denoise, x, t, form)
+        return _output(denoise, x, t, form, thresholding)
     d = afs_slope(x, t)                 # no network call
-    return x - t * d if form == 'x0' else d
+    if form == 'eps':
+        return d
+    return dynamic_threshold(x - t * d) if thresholding else x - t * d
 
 
-def _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters, corrector=None):
+def _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters, corrector=None,
+               thresholding=False):
     """Run x_{i+1} = a x_i + sum_k w_k m_{i-k} for every row of `table`. With `corrector` (UniC),
     the output at the predicted point is used to correct x_{i+1} and becomes the newest history
-    entry, so the corrector costs no extra evaluation; no evaluation follows the last step."""
+    entry, so the corrector costs no extra evaluation. A step is followed by an evaluation when
+    another step follows or when it is corrected (corrector[i] not None: after the last step,
+    only in compat mode)."""
     history = History(max(len(w) for _, w in table) + (1 if corrector else 0))
-    history.push(_first_output(denoise, x, ts[0], form, afs))
+    history.push(_first_output(denoise, x, ts[0], form, thresholding, afs))
     inters = [x]
     last = len(table) - 1
     for i, (a, weights) in enumerate(table):
         x_next = combine(a, x, weights, history)
-        if i < last:
-            m = _output(denoise, x_next, ts[i + 1], form)
-            if corrector is not None and corrector[i] is not None:
-                a_c, weights_c = corrector[i]
+        correction = corrector[i] if corrector is not None else None
+        if i < last or correction is not None:
+            m = _output(denoise, x_next, ts[i + 1], form, thresholding)
+            if correction is not None:
+                a_c, weights_c = correction
                 x_next = combine(a_c, x, weights_c, [m, *history])
             history.push(m)
         x = x_next
@@ -157,44 +223,57 @@ def _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters,
     return finish(denoise, x, ts[-1], inters, denoise_to_zero, return_inters)
 
 
-def _validated(name, **options):
+def _validated(name, compat, ts, **options):
     """Direct Python callers get the same checks as the command line (ValueError)."""
-    return resolve_options(name, options)
+    return resolve_options(name, options, compat, num_points=len(ts))
 
 
 @register('ipndm', max_order_range=(1, 4), max_order=4)
-def ipndm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, max_order=4):
+def ipndm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
+          max_order=4):
     """Improved PNDM: Adams-Bashforth on d with the fixed equal-step weights, order growing with
     the history up to max_order (order max_order only on grids uniform in sigma)."""
-    _validated('ipndm', max_order=max_order)
     ts = tuple(_floats(t_steps))
+    _validated('ipndm', compat, ts, max_order=max_order)
     return _multistep(denoise, x, ts, solver_utils.ipndm_table(ts, int(max_order)), 'eps',
                       afs, denoise_to_zero, return_inters)
 
 
+IPNDM_V_TABLES = {
+    None: lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'sigma', 'eps'),
+    'gits-main': solver_utils.gits_ipndm_v_table,
+}
+
+
 @register('ipndm_v', max_order_range=(1, 4), max_order=4)
-def ipndm_v(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, max_order=4):
+def ipndm_v(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
+            max_order=4):
     """iPNDM with variable steps: the Adams-Bashforth weights of the actual step sizes (the
     integral over the step of the polynomial through the last max_order slopes, in sigma)."""
-    _validated('ipndm_v', max_order=max_order)
     ts = tuple(_floats(t_steps))
-    table = solver_utils.adams_table(ts, int(max_order), 'sigma', 'eps')
+    _validated('ipndm_v', compat, ts, max_order=max_order)
+    table = IPNDM_V_TABLES[compat](ts, int(max_order))
     return _multistep(denoise, x, ts, table, 'eps', afs, denoise_to_zero, return_inters)
 
 
-DEIS_SPACES = {'tab': 'vp_time', 'rhoab': 'sigma'}
+DEIS_TABLES = {   # (compat, deis_mode) -> (ts, max_order) -> table
+    (None, 'tab'): lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'vp_time', 'eps'),
+    (None, 'rhoab'): lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'sigma', 'eps'),
+    ('gits-main', 'tab'): solver_utils.gits_deis_tab_table,
+    ('gits-main', 'rhoab'): solver_utils.gits_deis_rhoab_table,
+}
 
 
 @register('deis', max_order_range=(1, 4), max_order=4, deis_mode='tab')
-def deis(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, max_order=4,
-         deis_mode='tab'):
+def deis(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
+         max_order=4, deis_mode='tab'):
     """DEIS: exponential integrator with the noise prediction interpolated by a polynomial.
     'tab': polynomial in VP time (the time_uniform map over this schedule's sigma range),
     integrated against the exponential-integrator weight, which in EDM variables is dsigma/dt
     (quadrature). 'rhoab': polynomial in rho = sigma, integrated exactly (this equals ipndm_v)."""
-    _validated('deis', max_order=max_order, deis_mode=deis_mode)
     ts = tuple(_floats(t_steps))
-    table = solver_utils.adams_table(ts, int(max_order), DEIS_SPACES[deis_mode], 'eps')
+    _validated('deis', compat, ts, max_order=max_order, deis_mode=deis_mode)
+    table = DEIS_TABLES[compat, deis_mode](ts, int(max_order))
     return _multistep(denoise, x, ts, table, 'eps', afs, denoise_to_zero, return_inters)
 
 
@@ -202,25 +281,39 @@ def _form(predict_x0):
     return 'x0' if predict_x0 else 'eps'
 
 
-@register('dpmpp', max_order_range=(1, 3), max_order=3, predict_x0=True, lower_order_final=True)
-def dpmpp(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, max_order=3,
-          predict_x0=True, lower_order_final=True):
-    """DPM-Solver++ multistep (orders 1-3), data prediction (predict_x0) or noise prediction."""
-    _validated('dpmpp', max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final)
+@register('dpmpp', max_order_range=(1, 3), max_order=3, predict_x0=True, lower_order_final=True,
+          thresholding=False)
+def dpmpp(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
+          max_order=3, predict_x0=True, lower_order_final=True, thresholding=None):
+    """DPM-Solver++ multistep (orders 1-3), data prediction (predict_x0) or noise prediction.
+    Order 3 integrates the quadratic interpolant exactly (not the published 3M update, which
+    compat='gits-main' uses; see solver_utils.dpmpp_table). thresholding (data prediction only;
+    default off, on with compat): dynamic thresholding of every data prediction."""
     ts = tuple(_floats(t_steps))
+    opts = _validated('dpmpp', compat, ts, max_order=max_order, predict_x0=predict_x0,
+                      lower_order_final=lower_order_final, thresholding=thresholding)
     form = _form(predict_x0)
-    table = solver_utils.dpmpp_table(ts, int(max_order), form, bool(lower_order_final))
-    return _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters)
+    table = solver_utils.dpmpp_table(ts, int(max_order), form, bool(lower_order_final), compat)
+    return _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters,
+                      thresholding=opts['thresholding'])
 
 
-@register('unipc', max_order_range=(1, 3), max_order=3, predict_x0=True, lower_order_final=True, variant='bh2')
-def unipc(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, max_order=3,
-          predict_x0=True, lower_order_final=True, variant='bh2'):
+def _unipc_extra_evals(num_points, options, compat):
+    """The official corrects the last step when it is still in the warm-up (one more evaluation)."""
+    return int(solver_utils.unipc_corrects_last_step(num_points - 1, int(options['max_order']), compat))
+
+
+@register('unipc', max_order_range=(1, 3), extra_evals=_unipc_extra_evals, max_order=3, predict_x0=True,
+          lower_order_final=True, variant='bh2', thresholding=False)
+def unipc(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
+          max_order=3, predict_x0=True, lower_order_final=True, variant='bh2', thresholding=None):
     """UniPC: UniP-p predictor and UniC-p corrector (orders 1-3), variants bh1/bh2. The corrector
-    reuses the evaluation at the predicted point, which also serves the next step."""
-    _validated('unipc', max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
-               variant=variant)
+    reuses the evaluation at the predicted point, which also serves the next step (ours: no
+    corrector after the last step). thresholding as in dpmpp."""
     ts = tuple(_floats(t_steps))
+    opts = _validated('unipc', compat, ts, max_order=max_order, predict_x0=predict_x0,
+                      lower_order_final=lower_order_final, variant=variant, thresholding=thresholding)
     form = _form(predict_x0)
-    pred, corr = solver_utils.unipc_table(ts, int(max_order), form, variant, bool(lower_order_final))
-    return _multistep(denoise, x, ts, pred, form, afs, denoise_to_zero, return_inters, corrector=corr)
+    pred, corr = solver_utils.unipc_table(ts, int(max_order), form, variant, bool(lower_order_final), compat)
+    return _multistep(denoise, x, ts, pred, form, afs, denoise_to_zero, return_inters, corrector=corr,
+                      thresholding=opts['thresholding'])

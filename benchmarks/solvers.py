@@ -25,20 +25,12 @@ import dnnlib                    # noqa: E402
 import models                    # noqa: E402
 import solver_utils              # noqa: E402
 import solvers                   # noqa: E402
-from torch_utils import misc     # noqa: E402
+from analytic import latents, num_points_for, parse_models_and_seeds, run_and_write   # noqa: E402
 
 NFES = (3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20)
 SCHEDULES = {'polynomial': 7.0, 'logsnr': 7.0, 'time_uniform': 2.0}     # schedule -> rho
 RECIPES = {'euler': 'polynomial', 'heun': 'polynomial', 'dpm': 'polynomial', 'ipndm': 'polynomial',
            'ipndm_v': 'polynomial', 'deis': 'time_uniform', 'dpmpp': 'logsnr', 'unipc': 'logsnr'}
-
-
-def num_points_for(solver, nfe, afs):
-    """Smallest schedule length whose NFE is exactly `nfe`, or None."""
-    for n in range(2, nfe + 3):
-        if solvers.count_nfe(solver, n, afs=afs) == nfe:
-            return n
-    return None
 
 
 def solver_overhead(solver, x, num_points, repeats=20):
@@ -59,8 +51,7 @@ def run(model_names, seeds, afs):
     results = dict(nfes=list(NFES), schedules=SCHEDULES, seeds=seeds, afs=afs, models={})
     for name in model_names:
         model = models.load(name)
-        x = torch.stack([torch.randn(list(model.shape), generator=misc.seed_generator(s), dtype=torch.float64)
-                         for s in seeds]) * model.sigma_max
+        x = latents(model, seeds)
         exact = model.exact(x, model.sigma_max, model.sigma_min)
         start = time.perf_counter()
         for _ in range(5):
@@ -71,7 +62,7 @@ def run(model_names, seeds, afs):
             for schedule, rho in SCHEDULES.items():
                 row = []
                 for nfe in NFES:
-                    n = num_points_for(solver, nfe, afs)
+                    n = num_points_for(solver, nfe, afs=afs)
                     if n is None or n < 2:
                         row.append(None)
                         continue
@@ -107,22 +98,8 @@ def print_tables(results):
               help='JSON output')
 def main(model_names, seeds, afs, out):
     """Solver x schedule accuracy table on the analytic models."""
-    names = [m for m in model_names.split(',') if m]
-    for m in names:
-        if m not in ('gmm', 'digits'):
-            raise dnnlib.util.UserError(f'--models: "{m}" has no exact solution; choose among gmm, digits')
-    try:
-        seed_list = misc.parse_int_list(seeds)
-    except ValueError as e:
-        raise dnnlib.util.UserError(f'--seeds: {e}') from None
-    torch.set_num_threads(min(2, os.cpu_count() or 1))
-    start = time.time()
-    results = run(names, seed_list, afs)
-    results['seconds'] = time.time() - start
-    print_tables(results)
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    misc.atomic_write_json(out, results)
-    print(f'\nWrote {out} ({results["seconds"]:.0f} s)')
+    names, seed_list = parse_models_and_seeds(model_names, seeds)
+    run_and_write(lambda: run(names, seed_list, afs), print_tables, out)
 
 
 if __name__ == '__main__':

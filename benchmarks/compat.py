@@ -1,0 +1,134 @@
+"""Effect of each difference from the official GITS code (compat='gits-main') on the analytic
+models: per-seed RMSE to the exact ODE solution, mean over seeds, at NFE 5/6/8/10, our default
+vs the official variant, each difference isolated where the options allow it.
+
+    python benchmarks/compat.py                        # gmm and digits, 32 seeds (~1-3 min on 2 cores)
+    python benchmarks/compat.py --models=gmm --seeds=0-63
+
+Every solver row runs on our schedule of the solver's README recipe (the same t_steps for both
+columns); the schedule row compares our and the official time_uniform schedule with our DEIS.
+The short-schedule rows use 3 time points (below NFE 5), where the official warm-up and UniPC
+corrector differ (both sides threshold there, to isolate the step rules). Rows where only the
+thresholding differs compare thresholding=True with our default (for unipc at these lengths,
+that is all of compat='gits-main'). Writes benchmarks/results/compat.json and prints markdown tables.
+"""
+
+import os
+import sys
+
+import click
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import dnnlib                    # noqa: E402
+import models                    # noqa: E402
+import solver_utils              # noqa: E402
+import solvers                   # noqa: E402
+from torch_utils import misc     # noqa: E402
+from analytic import latents, num_points_for, parse_models_and_seeds, run_and_write   # noqa: E402
+
+NFES = (5, 6, 8, 10)
+COMPAT = 'gits-main'
+RECIPES = {'ipndm_v': ('polynomial', 7.0), 'deis': ('time_uniform', 2.0), 'dpmpp': ('logsnr', 7.0),
+           'unipc': ('logsnr', 7.0)}
+
+# (difference, solver, options, ours, official): ours / official are extra keywords of the two runs.
+ROWS = [
+    ('dynamic thresholding', 'dpmpp', {}, {}, dict(thresholding=True)),
+    ('dynamic thresholding', 'unipc', {}, {}, dict(thresholding=True)),
+    ('DPM-Solver++ order 3 (3M: D2 halved)', 'dpmpp', dict(predict_x0=False), {}, dict(compat=COMPAT)),
+    ('all (thresholding + 3M)', 'dpmpp', {}, {}, dict(compat=COMPAT)),
+    ('iPNDM-v weights', 'ipndm_v', dict(max_order=3), {}, dict(compat=COMPAT)),
+    ('iPNDM-v weights', 'ipndm_v', dict(max_order=4), {}, dict(compat=COMPAT)),
+    ('DEIS tAB float32 Riemann sum', 'deis', dict(max_order=3), {}, dict(compat=COMPAT)),
+    ('DEIS tAB float32 Riemann sum', 'deis', dict(max_order=4), {}, dict(compat=COMPAT)),
+    ('DEIS rhoAB (steps 4+ reuse step 3)', 'deis', dict(max_order=4, deis_mode='rhoab'), {}, dict(compat=COMPAT)),
+]
+SD_RANGE = (0.0292, 14.6146)     # Stable Diffusion v1's sigma range
+SHORT_ROWS = [   # 3 time points; both runs threshold, so only the step rules differ
+    ('warm-up ignores lower_order_final', 'dpmpp', {}, dict(thresholding=True), dict(compat=COMPAT)),
+    ('warm-up order + UniPC last corrector', 'unipc', {}, dict(thresholding=True), dict(compat=COMPAT)),
+]
+
+
+def per_seed_rmse(out, exact):
+    """The project's error: per-seed RMSE, mean over seeds."""
+    return float(misc.per_seed_rmse(out, exact).mean())
+
+
+def run_model(model, seeds):
+    x = latents(model, seeds)
+    exact = model.exact(x, model.sigma_max, model.sigma_min)
+    rows = []
+    for difference, solver, options, ours, official in ROWS:
+        schedule, rho = RECIPES[solver]
+        cells = []
+        for nfe in NFES:
+            ts = solver_utils.get_schedule(num_points_for(solver, nfe), model.sigma_min, model.sigma_max, schedule, rho)
+            fn = solvers.SOLVERS[solver]
+            cells.append([per_seed_rmse(fn(model.denoise, x, ts, **options, **extra), exact) for extra in (ours, official)])
+        rows.append(dict(difference=difference, solver=solver, options=options, official=official, schedule=schedule,
+                         rmse=cells))
+    cells = []
+    for nfe in NFES:          # the official time_uniform schedule (float32; ends at 0.0020132), our DEIS
+        n = num_points_for('deis', nfe)
+        cells.append([per_seed_rmse(solvers.deis(model.denoise, x, solver_utils.get_schedule(
+            n, model.sigma_min, model.sigma_max, 'time_uniform', 2.0, compat=compat)), exact) for compat in (None, COMPAT)])
+    rows.append(dict(difference='time_uniform schedule in float32', solver='deis', options={},
+                     official=dict(schedule_compat=COMPAT), schedule='time_uniform', rmse=cells))
+    # DEIS tAB on Stable Diffusion's sigma range: ours interpolates in the VP time of the
+    # schedule's own range, the official always in that of (0.002, 80) (and sums in float32).
+    lo, hi = SD_RANGE
+    x_sd = x / model.sigma_max * hi
+    exact_sd = model.exact(x_sd, hi, lo)
+    cells = []
+    for nfe in NFES:
+        ts = solver_utils.get_schedule(num_points_for('deis', nfe), lo, hi, 'time_uniform', 2.0)
+        cells.append([per_seed_rmse(solvers.deis(model.denoise, x_sd, ts, compat=compat), exact_sd)
+                      for compat in (None, COMPAT)])
+    rows.append(dict(difference=f'DEIS tAB VP map of (0.002, 80) on sigma {lo}..{hi}', solver='deis', options={},
+                     official=dict(compat=COMPAT), schedule='time_uniform', rmse=cells))
+    short = []
+    ts = solver_utils.get_schedule(3, model.sigma_min, model.sigma_max, 'logsnr')
+    for difference, solver, options, ours, official in SHORT_ROWS:
+        fn = solvers.SOLVERS[solver]
+        short.append(dict(difference=difference, solver=solver, options=options, official=official,
+                          nfe=[solvers.count_nfe(solver, 3, compat=extra.get('compat'), **options) for extra in (ours, official)],
+                          rmse=[per_seed_rmse(fn(model.denoise, x, ts, **options, **extra), exact) for extra in (ours, official)]))
+    return dict(rows=rows, short=short)
+
+
+def _options_text(row):
+    text = ', '.join(f'{k}={v}' for k, v in row['options'].items())
+    return f'{row["solver"]}' + (f' ({text})' if text else '')
+
+
+def print_tables(results):
+    for name, res in results['models'].items():
+        print(f'\n{name}: per-seed RMSE to exact(), mean over {len(results["seeds"])} seeds; '
+              f'cells: ours / official variant')
+        print('| difference | solver | schedule | ' + ' | '.join(f'NFE {n}' for n in results['nfes']) + ' |')
+        print('|---|---|---|' + '---|' * len(results['nfes']))
+        for row in res['rows']:
+            cells = ' | '.join(f'{a:.4f} / {b:.4f}' for a, b in row['rmse'])
+            print(f'| {row["difference"]} | {_options_text(row)} | {row["schedule"]} | {cells} |')
+        for row in res['short']:
+            print(f'| {row["difference"]} (3 points, NFE {row["nfe"][0]} / {row["nfe"][1]}) | {_options_text(row)} | '
+                  f'logsnr | {row["rmse"][0]:.4f} / {row["rmse"][1]:.4f} |' + ' |' * (len(results['nfes']) - 1))
+
+
+@click.command()
+@click.option('--models', 'model_names', type=str, default='gmm,digits', help='Comma-separated analytic models')
+@click.option('--seeds', type=str, default='0-31', help='Seeds of the latents, e.g. 0-31')
+@click.option('--out', type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'compat.json'),
+              help='JSON output')
+def main(model_names, seeds, out):
+    """Our solvers vs the official gits-main variants on the analytic models."""
+    names, seed_list = parse_models_and_seeds(model_names, seeds)
+    run_and_write(lambda: dict(nfes=list(NFES), seeds=seed_list, compat=COMPAT,
+                               models={name: run_model(models.load(name), seed_list) for name in names}),
+                  print_tables, out)
+
+
+if __name__ == '__main__':
+    dnnlib.util.run_cli(main)
