@@ -84,29 +84,26 @@ def teacher_trajectory(denoise, latents, t_tea, solver_tea='ipndm', **options):
 # ----------------------------------------------------------------------------------------------
 # 2. Cost matrix.
 
-def _dev_terms(x, d, start, direction, out, work):
-    """For a block of teacher points x and slopes d ([r, B, D]) of trajectories with line start
-    [B, D] and unit direction [B, D] (float64), write |p|, |q|^2, c and m of `_dev_costs` into
-    out [4, r, B]. Every operation writes into the float64 buffers `work` (3 x [>= r, B, D]): fresh
-    block-sized temporaries are returned to the system and page-faulted back on every block, which
-    costs more than the arithmetic. Inputs are converted to float64 first (exact; mixed-dtype
-    operations take a slow path)."""
-    r = x.shape[0]
-    p, q, tmp = (w[:r] for w in work)
-    dot = torch.empty([r, x.shape[1], 1], dtype=torch.float64, device=x.device)
-
-    def remove_line_part(v):                                               # v -= (v.u) u
-        torch.sum(torch.mul(v, direction, out=tmp), -1, keepdim=True, out=dot)
-        v.sub_(torch.mul(direction, dot, out=tmp))
-
-    remove_line_part(p.copy_(x).sub_(start))
-    remove_line_part(q.copy_(d))
-    torch.linalg.vector_norm(p, dim=-1, out=out[0])
-    torch.linalg.vector_norm(q, dim=-1, out=out[1]).square_()
-    torch.sum(torch.mul(p, q, out=tmp), -1, out=out[2])
-    out[2] = torch.where(out[1] > 0, out[2] / out[1], 0.0)                 # c = 0 where q = 0
-    p.sub_(torch.mul(q, out[2][..., None], out=tmp))                       # p - c q
-    torch.linalg.vector_norm(p, dim=-1, out=out[3]).square_()
+def _dev_terms(x, d, start, direction, work):
+    """|p_i|, |q_i|^2, c_i and m_i of `_dev_costs` ([T, N-1] each) for a block of T trajectories:
+    points x and slopes d [T, N-1, D], line starts and unit directions [T, D] (float64). The
+    vectors live in a float64 buffer `work` ([>= T, 3, N-1, D]: p, q, scratch) reused for every
+    block: fresh temporaries would be page-faulted in each time, which costs more than the
+    arithmetic. The projections are one matrix-vector product and one rank-1 update per trajectory
+    (a pass each, on the same shapes for every trajectory); the rest is elementwise or reduces one
+    row at a time, so a trajectory's terms do not depend on the block it came in."""
+    t = x.shape[0]
+    p, q, scratch = work[:t].unbind(1)
+    both = work[:t, :2].flatten(1, 2)                                      # [T, 2(N-1), D]: p over q
+    p.copy_(x).sub_(start[:, None])
+    q.copy_(d)
+    for k in range(t):                                                     # v -= (v.u) u
+        both[k].addr_(torch.mv(both[k], direction[k]), direction[k], alpha=-1)
+    p_norm = torch.linalg.vector_norm(p, dim=-1)
+    q_sq = torch.linalg.vector_norm(q, dim=-1).square()
+    centre = torch.where(q_sq > 0, torch.mul(p, q, out=scratch).sum(-1) / q_sq, 0.0)   # 0 where q = 0
+    p.addcmul_(q, centre[..., None], value=-1)                             # p - c q
+    return p_norm, q_sq, centre, torch.linalg.vector_norm(p, dim=-1).square()
 
 
 def _dev_costs(xs, ds, ts, chunk_elems=1 << 17):
@@ -117,24 +114,26 @@ def _dev_costs(xs, ds, ts, chunk_elems=1 << 17):
     (the squared distance of the line h -> p_i + h q_i from the origin, computed as a vector), both
     terms are non-negative and nothing cancels; the expanded |p|^2 + 2h p.q + h^2 |q|^2 loses ~1e-11
     absolutely (1000 times the direct computation's rounding) when the Euler step lands close to the
-    line. In blocks of points of about `chunk_elems` numbers, which stay in cache."""
+    line. In blocks of trajectories of about `chunk_elems` numbers (at least one)."""
     n, b = xs.shape[0], xs.shape[1]
-    xs, ds = xs.reshape(n, b, -1), ds.reshape(n - 1, b, -1)
-    start = xs[0].to(torch.float64)
-    direction = xs[-1].to(torch.float64) - start
+    xs, ds = xs.reshape(n, b, -1).transpose(0, 1), ds.reshape(n - 1, b, -1).transpose(0, 1)   # [B, N, D]
+    start = xs[:, 0].to(torch.float64)
+    direction = xs[:, -1].to(torch.float64) - start
     direction /= direction.norm(dim=-1, keepdim=True).clamp_min(1e-30)
-    terms = torch.zeros([4, n - 1, b], dtype=torch.float64, device=xs.device)
-    rows = max(1, min(n - 1, chunk_elems // xs[0].numel()))
-    work = torch.empty([3, rows, *xs.shape[1:]], dtype=torch.float64, device=xs.device)
-    for k0 in range(0, n - 1, rows):
-        k1 = min(n - 1, k0 + rows)
-        _dev_terms(xs[k0:k1], ds[k0:k1], start, direction, terms[:, k0:k1], work)
-    dev_teacher, q_sq, centre, m = terms
+    block = max(1, min(b, chunk_elems // ds[0].numel()))
+    work = torch.empty([block, 3, *ds.shape[1:]], dtype=torch.float64, device=xs.device)
+    terms = torch.zeros([4, b, n - 1], dtype=torch.float64, device=xs.device)
+    for b0 in range(0, b, block):
+        b1 = min(b, b0 + block)
+        values = _dev_terms(xs[b0:b1, :-1], ds[b0:b1], start[b0:b1], direction[b0:b1], work)
+        for out, value in zip(terms[:, b0:b1], values):
+            out.copy_(value)
+    dev_teacher, q_sq, centre, m = terms                                  # [B, N-1] each
     # The last point lies on the line by construction: its distance is 0.
-    dev_teacher = torch.cat([dev_teacher, dev_teacher.new_zeros([1, b])])
+    dev_teacher = torch.cat([dev_teacher, dev_teacher.new_zeros([b, 1])], dim=1)
     h = ts[None, :] - ts[:-1, None]                                        # [N-1, N]: t_j - t_i
-    dist = (m.T[:, :, None] + q_sq.T[:, :, None] * (h[None] + centre.T[:, :, None]).square()).sqrt()
-    return dist - dev_teacher.T[:, None, :]
+    dist = (m[:, :, None] + q_sq[:, :, None] * (h[None] + centre[:, :, None]).square()).sqrt()
+    return dist - dev_teacher[:, None, :]
 
 
 def _norm_costs(xs, ds, ts, metric, chunk_elems=1 << 18):
