@@ -107,8 +107,8 @@ def main(model_names, seeds, afs, out):
     """Solver x schedule accuracy table on the analytic models."""
     names = [m for m in model_names.split(',') if m]
     for m in names:
-        if m not in ('gmm', 'digits'):
-            raise dnnlib.util.UserError(f'--models: "{m}" has no exact solution; choose among gmm, digits')
+        if m not in models.ANALYTIC:
+            raise dnnlib.util.UserError(f'--models: "{m}" has no exact solution; choose among {", ".join(models.ANALYTIC)}')
     try:
         seed_list = misc.parse_int_list(seeds)
     except ValueError as e:
