@@ -163,10 +163,11 @@ class WaveletMixture(AnalyticModel):
 
     def _denoise64(self, x, sigma):
         var = self.variances + sigma ** 2                                    # [K, D]
+        inv_var = var.reciprocal()                                           # products, not quotients, over [B, K, D]
         diff = self.to_wavelet(x)[:, None, :] - self.means[None]            # [B, K, D]
-        logits = self.log_weights - 0.5 * (torch.log(var).sum(-1) + (diff.square() / var).sum(-1))
+        logits = self.log_weights - 0.5 * (torch.log(var).sum(-1) + (diff.square() * inv_var).sum(-1))
         w = torch.softmax(logits, dim=1)                                     # posterior weights
-        comp = self.means[None] + (self.variances / var)[None] * diff       # E[y0 | y, k]
+        comp = torch.addcmul(self.means, self.variances * inv_var, diff)    # E[y0 | y, k]
         return self.from_wavelet((w[:, :, None] * comp).sum(1))
 
     def sample_data(self, num, generator=None):
