@@ -113,8 +113,8 @@ def _dev_costs(xs, ds, ts, chunk_elems=1 << 17):
     Written as sqrt(m_i + |q_i|^2 (h + c_i)^2), c_i = p_i.q_i / |q_i|^2 and m_i = |p_i - c_i q_i|^2
     (the squared distance of the line h -> p_i + h q_i from the origin, computed as a vector), both
     terms are non-negative and nothing cancels; the expanded |p|^2 + 2h p.q + h^2 |q|^2 loses ~1e-11
-    absolutely (1000 times the direct computation's rounding) when the Euler step lands close to the
-    line. In blocks of trajectories of about `chunk_elems` numbers (at least one)."""
+    absolutely (hundreds of times the direct computation's rounding) when the Euler step lands close
+    to the line. In blocks of trajectories of about `chunk_elems` numbers (at least one)."""
     n, b = xs.shape[0], xs.shape[1]
     xs, ds = xs.reshape(n, b, -1).transpose(0, 1), ds.reshape(n - 1, b, -1).transpose(0, 1)   # [B, N, D]
     start = xs[:, 0].to(torch.float64)
@@ -140,8 +140,8 @@ def _norm_costs(xs, ds, ts, metric, chunk_elems=1 << 18):
     """`l1`/`l2` costs [B, N-1, N]: the norm of the Euler error xhat - x_j, computed directly, in
     blocks of j of about `chunk_elems` numbers in one reused buffer. A Gram-matrix form of l2
     (|x_i - x_j|^2 + 2h d_i.(x_i - x_j) + h^2 |d_i|^2 from dot products) cancels: a near-exact step's
-    error is ~1e-7 of |x_i|, its square below the rounding of the dot products (measured on gmm's
-    teacher trajectories: relative errors up to 3)."""
+    error is down to ~1e-8 of |x_i|, its square below the rounding of the dot products (measured on
+    gmm's teacher trajectories: relative errors up to 3)."""
     n, b = xs.shape[0], xs.shape[1]
     xs = xs.reshape(n, b, -1).to(torch.float64)
     ds = ds.reshape(n - 1, b, -1).to(torch.float64)
