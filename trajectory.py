@@ -13,7 +13,7 @@ Outputs: profile.png, traj_3d.png and trajectory.json (every profile, per seed).
 
 `schedules` draws the polynomial, logsnr and time_uniform schedules next to the GITS schedule
 searched for the same model, solver and number of steps (schedules.png, schedules.json). For
-the analytic models (gmm, digits) it can also measure each schedule's true error.
+the analytic models (gmm, gmm_wavelet, digits) it can also measure each schedule's true error.
 """
 
 import math
@@ -361,7 +361,7 @@ def schedules(**kwargs):
             raise UserError(f'--error_seeds: {e}') from None
     model, device = load_model(opts)
     if error_seeds and not hasattr(model, 'exact'):
-        raise UserError('--error_seeds: only the analytic models (gmm, digits) have an exact solution')
+        raise UserError(f'--error_seeds: only the analytic models ({", ".join(models.ANALYTIC)}) have an exact solution')
     outdir = outdir_for(opts)
 
     # The compared schedules as the paper runs them: polynomial with rho (EDM's 7), logsnr, and

@@ -7,19 +7,19 @@ import time
 import torch
 
 import dnnlib
+import models
 import solvers
 from torch_utils import misc
 from torch_utils.seeds import draw_seed_inputs
 
-ANALYTIC = ('gmm', 'digits')
 
 
 def parse_models_and_seeds(model_names, seeds):
     """--models and --seeds: the analytic model names and the seed list (UserError otherwise)."""
     names = [m for m in model_names.split(',') if m]
     for m in names:
-        if m not in ANALYTIC:
-            raise dnnlib.util.UserError(f'--models: "{m}" has no exact solution; choose among {", ".join(ANALYTIC)}')
+        if m not in models.ANALYTIC:
+            raise dnnlib.util.UserError(f'--models: "{m}" has no exact solution; choose among {", ".join(models.ANALYTIC)}')
     try:
         return names, misc.parse_int_list(seeds)
     except ValueError as e:

@@ -11,6 +11,7 @@ GUIDANCE_TYPES = ('cg', 'cfg', 'uncond')   # classifier guidance, classifier-fre
 # dataset_name -> (module, loader function). Each loader takes (model_path=None, device=..., **kw).
 REGISTRY = {
     'gmm': ('models.analytic', 'load_gmm'),
+    'gmm_wavelet': ('models.analytic', 'load_gmm_wavelet'),
     'digits': ('models.analytic', 'load_digits'),
     'cifar10': ('models.edm', 'load_cifar10'),
     'ffhq': ('models.edm', 'load_ffhq'),
@@ -22,6 +23,10 @@ REGISTRY = {
     'ffhq_ldm': ('models.ldm', 'load_ffhq_ldm'),
     'ms_coco': ('models.sd', 'load_ms_coco'),
 }
+
+
+# The built-in models with an exact ODE solution (`exact(x, sigma_from, sigma_to)`).
+ANALYTIC = ('gmm', 'gmm_wavelet', 'digits')
 
 
 def names():

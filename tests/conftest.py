@@ -19,6 +19,12 @@ def gmm():
 
 
 @pytest.fixture(scope='session')
+def gmm_wavelet():
+    import models
+    return models.load('gmm_wavelet')
+
+
+@pytest.fixture(scope='session')
 def digits():
     import models
     return models.load('digits')
