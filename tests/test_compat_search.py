@@ -227,19 +227,27 @@ def counted_load(monkeypatch):
     return counters
 
 
-@pytest.mark.parametrize('args', [
-    ['--solver=euler', '--afs=True', '--solver_tea=unipc', '--max_order=2'],     # UniPC teacher: extra evaluations
-    ['--solver=ipndm', '--afs=True', '--max_order=3'],                          # our free-step search
-    ['--compat=gits-main', '--solver=euler', '--afs=True', '--max_order=4', '--coeff=3'],   # official free step
+UNIPC_TEACHER = dict(max_order=2, predict_x0=True, lower_order_final=True, variant='bh2', thresholding=False)
+
+
+@pytest.mark.parametrize('args, teacher, points', [
+    (['--solver=euler', '--afs=True', '--solver_tea=unipc', '--max_order=2'], UNIPC_TEACHER, 5),   # UniPC teacher
+    (['--solver=ipndm', '--afs=True', '--max_order=3'], dict(max_order=3), 5),          # our free-step search
+    (['--compat=gits-main', '--solver=euler', '--afs=True', '--max_order=4', '--coeff=3'], dict(max_order=4), 5),
+    (['--compat=gits-main', '--solver=ipndm', '--afs=True', '--max_order=4'], dict(max_order=4), 4),   # no room
 ])
-def test_run_json_counts_every_evaluation(tmp_path, counted_load, args):
+def test_run_json_counts_every_evaluation(tmp_path, counted_load, args, teacher, points):
+    """Every call the model receives is in run.json: the search's evaluations (teacher, free-step
+    search) plus the sampling NFE for each seed; run.json also holds the teacher's options."""
     out = tmp_path / 'o'
     r = run_here(sample.main, '--dataset_name=digits', '--seeds=0-4', '--batch=3', '--dp=True', '--num_warmup=6',
                  f'--num_steps_tea={TEA_POINTS}', '--num_steps=4', *args, f'--outdir={out}')
     assert r.returncode == 0, r.stderr
     record = json.loads((out / 'run.json').read_text())
     evals = record['search']['evals']
-    assert evals['afs'] > 0
+    assert record['search']['teacher_options'] == teacher
+    assert len(record['t_steps']) == points and record['nfe'] == points - 2       # afs: the first step is free
+    assert (evals['afs'] > 0) == (points == 5)
     if '--solver_tea=unipc' in args:
         assert evals['teacher'] > (TEA_POINTS - 1) * 6      # its corrector moved points: they were evaluated
     assert counted_load[0].rows == sum(evals.values()) + record['nfe'] * 5
