@@ -54,13 +54,21 @@ class TeacherRound:
         return self.xs.shape[1]
 
 
-def teacher_run(denoise, latents, t_tea, solver_tea='ipndm', **options):
+def teacher_run(denoise, latents, t_tea, solver_tea='ipndm', afs=False, compat=None, **options):
     """The teacher on `latents` (standard normal; it starts at latents * t_tea[0]). Returns
-    (xs, ds, dens, recorder): the recorder counts the denoiser calls and evaluations spent."""
+    (xs, ds, dens, recorder): the recorder counts the denoiser calls and evaluations spent. With
+    afs (only the official search, compat) the teacher's first slope is the analytical one, and
+    that is the slope recorded at t_tea[0] (its 'denoiser output' there is x - t d, no call)."""
     rec = solver_utils.Recorder(denoise, keep=True)
-    _, xs = solvers.SOLVERS[solver_tea](rec, latents * float(t_tea[0]), t_tea, return_inters=True, **options)
+    _, xs = solvers.SOLVERS[solver_tea](rec, latents * float(t_tea[0]), t_tea, afs=afs, return_inters=True,
+                                        compat=compat, **options)
     ds, dens = [], []
     for i, t in enumerate(t_tea[:-1]):
+        if afs and i == 0:
+            d = solver_utils.afs_slope(xs[0], t)
+            dens.append(xs[0] - float(t) * d)
+            ds.append(d)
+            continue
         out = rec.lookup(xs[i], float(t))
         if out is None:      # the solver evaluated elsewhere (e.g. UniPC's corrector moved the point)
             out = rec(xs[i], float(t))
@@ -76,17 +84,68 @@ def teacher_trajectory(denoise, latents, t_tea, solver_tea='ipndm', **options):
     return xs, ds, rec.calls
 
 
-def run_teachers(rounds, t_tea, solver_tea='ipndm', **options):
+def run_teachers(rounds, t_tea, solver_tea='ipndm', afs=False, compat=None, **options):
     """Teacher runs for every warm-up round (first_index, denoise, latents). Returns
     ([TeacherRound], denoiser calls on this rank, evaluations (batch rows) on this rank)."""
     data, calls, evals = [], 0, 0
     for first, denoise, latents in rounds:
         with torch.no_grad():
-            xs, ds, dens, rec = teacher_run(denoise, latents, t_tea, solver_tea, **options)
+            xs, ds, dens, rec = teacher_run(denoise, latents, t_tea, solver_tea, afs, compat, **options)
         data.append(TeacherRound(first, denoise, latents, xs, ds, dens))
         calls += rec.calls
         evals += rec.evals
     return data, calls, evals
+
+
+# The teacher's solver options. The official code passes one set of solver flags to the student
+# and to the teacher, so the teacher runs with the student's --max_order, --predict_x0,
+# --lower_order_final (and --deis_mode, --variant): we do the same. By default the teacher takes,
+# for each option it has, the student's resolved value (its default where the flag is not given),
+# or the flag itself where only the teacher has the option (--max_order with a Heun student and the
+# iPNDM teacher), else its own default; a max_order beyond the teacher's range is capped (an
+# order-4 iPNDM student gives a DPM-Solver++ teacher order 3). With compat, the flags as given and
+# the official defaults, and a refusal wherever the official fails.
+
+def search_options(solver, solver_tea, options, compat=None, num_steps_tea=None):
+    """(student options, teacher options), resolved, from one set of solver option flags
+    (`options`; None or missing: not given). ValueError in one line naming the flag."""
+    solver_utils.check_compat(compat)
+    for flag, name in (('--solver', solver), ('--solver_tea', solver_tea)):
+        if name not in solvers.SOLVERS:
+            raise ValueError(f'{flag}: unknown solver "{name}"; choose one of {", ".join(solvers.SOLVERS)}')
+    given = {k: v for k, v in options.items() if v is not None}
+    takes = {name: solvers.SOLVER_SPECS[name].defaults for name in (solver, solver_tea)}
+    # A flag goes to the student unless only the teacher has that option.
+    student = solvers.resolve_options(solver, {k: v for k, v in given.items()
+                                               if k in takes[solver] or k not in takes[solver_tea]}, compat)
+    if compat is not None:
+        failure = official_teacher_failure(solver, solver_tea, given, compat)
+        if failure:
+            raise ValueError(failure)
+        inherited = {k: v for k, v in given.items() if k in takes[solver_tea]}
+    else:
+        inherited = {k: student[k] if k in student else given[k] for k in takes[solver_tea]
+                     if k in student or k in given}
+        if 'max_order' in inherited:
+            inherited['max_order'] = min(int(inherited['max_order']), solvers.SOLVER_SPECS[solver_tea].max_order_range[1])
+    try:
+        teacher = solvers.resolve_options(solver_tea, inherited, compat, num_points=num_steps_tea)
+    except ValueError as e:
+        raise ValueError(f'{e} (the GITS teacher --solver_tea={solver_tea} runs with the student\'s solver options, '
+                         'as in the official code)') from None
+    return student, teacher
+
+
+def official_teacher_failure(solver, solver_tea, given, compat):
+    """Why the official search cannot run this student and teacher (None: it can)."""
+    if solver_tea == 'unipc':
+        return (f'--solver_tea: the official gits-main has no UniPC teacher (its UniPC returns no slopes); '
+                f'choose another teacher with --compat={compat}')
+    for name, role in ((solver_tea, '--solver_tea, the teacher'), (solver, '--solver')):
+        failure = solvers.official_max_order_failure(name, given, compat, role)
+        if failure:
+            return failure
+    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -232,15 +291,55 @@ def path_cost(cost, path, coeff):
 
 # ----------------------------------------------------------------------------------------------
 # 4. The analytical first step's free step.
+#
+# Ours keeps the teacher exact (no afs) and tries every teacher point between the first two chosen
+# ones as a free extra step. The official (compat) gives the teacher itself the analytical first
+# step: its first slope, the one the costs C[0][j] use, is x / sqrt(1 + t^2), so C[0][1] = 0 (the
+# student's step 0 -> 1 is the teacher's own) and the DP mostly starts [0, 1, ...], which leaves no
+# candidate: the schedule keeps num_steps points. When it does leave some, the official tries them
+# as we do, but with the student run as in its sampling code, which fails for some solvers (see
+# `official_trial_failure`) and gives DEIS the teacher grid's coefficients.
 
-def afs_free_step(data, t_tea, path, solver, options):
+def official_trial_failure(solver, options, num_steps, solver_tea, schedule_type, compat):
+    """Why the official free-step search fails when it has candidates to try (None: it runs)."""
+    if solver == 'unipc':
+        return (f'--afs: the official gits-main free-step search has no UniPC (it fails when the DP leaves '
+                f'room for the free step, as here); use --afs=False or another solver with --compat={compat}')
+    if solver == 'dpmpp' and options['lower_order_final'] and num_steps >= int(options['max_order']):
+        return (f'--lower_order_final: the official gits-main runs the free-step candidates ({num_steps} + 1 points) '
+                f'as if they had {num_steps}, which gives the last step order 0 and fails; pass '
+                f'--lower_order_final=False or --afs=False with --compat={compat}')
+    if solver == 'deis' and (solver_tea != 'deis' or schedule_type == 'discrete'):
+        return (f'--afs: the official gits-main free-step search of DEIS fails (it reuses the teacher\'s DEIS '
+                f'coefficients, so it needs --solver_tea=deis, and a non-discrete schedule); change one of them '
+                f'with --compat={compat}')
+    return None
+
+
+def _trial_runner(solver, options, compat, t_tea):
+    """How a free-step candidate schedule is run: the student solver with afs; for the official
+    DEIS (compat), with the coefficient rows of the teacher grid (its coefficient list is computed
+    for the teacher's schedule and reused; the first step is Euler on the candidate's own step)."""
+    if compat is not None and solver == 'deis':
+        grid = tuple(float(t) for t in t_tea)
+        rows = solvers.DEIS_TABLES[compat, options['deis_mode']](grid, int(options['max_order']))
+
+        def run(denoise, x, trial):
+            first = ((1.0, (float(trial[1]) - float(trial[0]),)),)
+            return solvers.run_table(denoise, x, trial, first + rows[1:len(trial) - 1], afs=True)
+        return run
+    fn = solvers.SOLVERS[solver]
+    return lambda denoise, x, trial: fn(denoise, x, trial, afs=True, compat=compat, **options)
+
+
+def afs_free_step(data, t_tea, path, solver, options, compat=None):
     """Insert the teacher point between path[0] and path[1] that, with afs on, brings the student's
     output closest to the teacher's final points (mean per-trajectory L2 distance). Returns
     (t_steps, path, evaluations spent on this rank). No candidate: the schedule stays as it is."""
     candidates = list(range(path[0] + 1, path[1]))
     if not candidates:
         return t_tea[path].clone(), path, 0
-    fn = solvers.SOLVERS[solver]
+    run = _trial_runner(solver, options, compat, t_tea)
     per_candidate, evals = [], 0
     for m in candidates:
         trial = t_tea[[path[0], m] + path[1:]]
@@ -248,7 +347,7 @@ def afs_free_step(data, t_tea, path, solver, options):
         for rnd in data:
             rec = solver_utils.Recorder(rnd.denoise)
             with torch.no_grad():
-                x = fn(rec, rnd.latents * float(trial[0]), trial, afs=True, **options)
+                x = run(rec, rnd.latents * float(trial[0]), trial)
             evals += rec.evals
             x = x.reshape(x.shape[0], -1).to(torch.float64)
             e = (x - rnd.xs[-1].reshape(x.shape[0], -1).to(torch.float64).to(x.device)).square().sum(-1).sqrt().cpu()
@@ -279,36 +378,54 @@ def gits_paths(data, t_tea, wanted, metric='dev', coeff=1.15, timing=None):
     return {n: paths[n - 1] for n in wanted}
 
 
-def teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted):
-    """The teacher's time points: `num_steps_tea` points of the student's schedule type."""
+def teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted, compat=None):
+    """The teacher's time points: `num_steps_tea` points of the student's schedule type (with
+    compat, the official code's float32 values and discrete rho)."""
     if max(wanted) > num_steps_tea:
         raise ValueError(f'--num_steps_tea: {num_steps_tea} is smaller than --num_steps {max(wanted)}')
-    return solver_utils.get_schedule(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model=model)
+    return solver_utils.get_schedule(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model=model,
+                                     compat=compat)
+
+
+TEACHER_AFS = {None: False, 'gits-main': True}   # does the teacher take the analytical first step (with --afs)?
 
 
 def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
                   solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False, solver=None,
-                  model=None, all_num_steps=None, **options):
+                  model=None, all_num_steps=None, compat=None, denoise_to_zero=False, **options):
     """The paper's search over warm-up `rounds`: a list of (first_index, denoise, latents) with
     latents standard normal; first_index numbers the round's trajectories globally (for
-    order-exact reduction across processes). `solver` and `options` are the student's (they
-    matter for afs's free step). Returns ({num_steps: t_steps} for num_steps and every
-    all_num_steps, info)."""
+    order-exact reduction across processes). `solver` and `options` are the student's solver and
+    option flags; the teacher takes them too (`search_options`), and the student's matter for
+    afs's free step. compat='gits-main': the official code's search (its teacher grid, teacher
+    options and afs teacher, its solvers; refused where it fails). `denoise_to_zero` is the
+    student's: only compat needs it (the official also denoises the teacher to zero, which is not
+    reproduced: refused). Returns ({num_steps: t_steps} for num_steps and every all_num_steps, info)."""
+    solver_utils.check_compat(compat)
+    if compat is not None and denoise_to_zero:
+        raise ValueError(f'--denoise_to_zero: with --dp the official gits-main also denoises its teacher and the '
+                         f'free-step candidates to zero (its dev cost then measures from D(x_last)); --compat={compat} '
+                         'does not reproduce that: drop one of them')
     wanted = sorted(set(all_num_steps or [num_steps]))
-    t_tea = teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted)
+    t_tea = teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted, compat)
     solver = solver or 'ipndm'
-    options = solvers.resolve_options(solver, options)
+    options, teacher_options = search_options(solver, solver_tea, options, compat, num_steps_tea)
+    teacher_afs = bool(afs) and TEACHER_AFS[compat]
     timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0)
     t0 = time.perf_counter()
-    data, teacher_calls, teacher_evals = run_teachers(rounds, t_tea, solver_tea)
+    data, teacher_calls, teacher_evals = run_teachers(rounds, t_tea, solver_tea, teacher_afs, compat, **teacher_options)
     timing['teacher'] = time.perf_counter() - t0
     paths = gits_paths(data, t_tea, wanted, metric, coeff, timing)
     schedules, afs_evals = {}, 0
     for n, path in paths.items():
         t_steps = t_tea[path].clone()
         if afs:
+            if compat is not None and path[1] - path[0] > 1:      # the official has candidates to try
+                failure = official_trial_failure(solver, options, n, solver_tea, schedule_type, compat)
+                if failure:
+                    raise ValueError(failure)
             t1 = time.perf_counter()
-            t_steps, paths[n], evals = afs_free_step(data, t_tea, path, solver, options)
+            t_steps, paths[n], evals = afs_free_step(data, t_tea, path, solver, options, compat)
             afs_evals += evals
             timing['afs'] += time.perf_counter() - t1
         schedules[n] = t_steps
@@ -316,7 +433,8 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
                 num_warmup=int(dist.sum_over_ranks(sum(r.size for r in data))), teacher_evals_this_rank=teacher_calls,
                 evals=dict(teacher=dist.sum_over_ranks(teacher_evals), afs=dist.sum_over_ranks(afs_evals)),
                 search='gits', refine=False, metric=metric, coeff=coeff, solver_tea=solver_tea,
-                num_steps_tea=num_steps_tea, seconds=timing)
+                num_steps_tea=num_steps_tea, teacher_options=teacher_options, teacher_afs=teacher_afs, compat=compat,
+                seconds=timing)
     return schedules, info
 
 
@@ -330,6 +448,6 @@ def search_schedule(denoise, latents, *, num_steps, batch_size=None, **kw):
     """The searched t_steps (float64) for `denoise` on the warm-up noise `latents` (standard
     normal, one process); `batch_size` splits the warm-up set into rounds. Keywords as
     search_rounds: sigma_min, sigma_max, schedule_type, schedule_rho, solver_tea, num_steps_tea,
-    metric, coeff, afs, solver, model, and the student's solver options."""
+    metric, coeff, afs, solver, model, compat, denoise_to_zero, and the solver option flags."""
     schedules, _ = search_rounds(warmup_split(denoise, latents, batch_size), num_steps=num_steps, **kw)
     return schedules[num_steps]

@@ -30,18 +30,19 @@ def build_schedule(opts, model, device):
         return search_for_sampling(model, opts, sigma_min, sigma_max, device)
     try:
         t = solver_utils.get_schedule(opts.num_steps, sigma_min, sigma_max, opts.schedule_type,
-                                      opts.schedule_rho, model=model)
+                                      opts.schedule_rho, model=model, compat=opts.get('compat'))
     except ValueError as e:
         raise UserError(str(e)) from None
     return t, None
 
 
 def expected_points(opts):
-    """Length of the schedule before it is built: what a search returns (with afs it inserts a
-    free step; the paper's search can find no room for it, so the real length may be one less)."""
+    """Length of the schedule before it is built: what a search returns (with afs ours inserts a
+    free step; it can find no room for it, so the real length may be one less; the official's
+    afs teacher (--compat) mostly leaves none, gits.py section 4)."""
     if opts.t_steps_list is not None:
         return len(opts.t_steps_list)
-    return opts.num_steps + int(bool(opts.dp and opts.afs))
+    return opts.num_steps + int(bool(opts.dp and opts.afs and opts.get('compat') is None))
 
 
 def schedule_tag(opts):
@@ -91,6 +92,13 @@ RULES = SCHEDULE_RULES + (
      'needs --save_schedules=FILE'),
     (SAMPLING_FLAGS, lambda o: o.save_schedules is None,
      'does not apply with --save_schedules (that run searches, saves the schedules and exits)'),
+    (('sigma_min', 'sigma_max'), lambda o: o.get('compat') is None,
+     'the official gits-main ignores it (it always takes the model\'s own range), so --compat=gits-main does not '
+     'take it'),
+    (('search',), lambda o: o.get('compat') is None or o.search in (None, 'gits'),
+     'the solver-aware search is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
+    (('refine',), lambda o: o.get('compat') is None or not o.refine,
+     'refinement is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
 )
 
 
@@ -165,9 +173,11 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
             num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
             solver=opts.solver, model=model, all_num_steps=all_steps, search=opts.get('search') or 'gits',
             refine=bool(opts.get('refine')), refine_budget=opts.get('refine_budget') or 4.0,
-            **opts.solver_options)
+            compat=opts.get('compat'), denoise_to_zero=bool(opts.denoise_to_zero), **opts.solver_flags)
     except ValueError as e:
         raise UserError(str(e)) from None
+    teacher_text = ', '.join(f'{k}={v}' for k, v in info['teacher_options'].items()) or 'no options'
+    dist.print0(f'GITS teacher: {opts.solver_tea} ({teacher_text}' + (', afs' if info.get('teacher_afs') else '') + ')')
     dist.print0('GITS search: ' + ', '.join(f'{v:.2f}s {STAGE_NAMES[k]}' for k, v in info['seconds'].items()))
     dist.print0('Search evaluations: ' + ', '.join(f'{v} {STAGE_NAMES[k]}' for k, v in info['evals'].items()))
     if opts.save_schedules:
@@ -188,7 +198,8 @@ def save_schedules(path, schedules, opts, info, sigma_min, sigma_max, model=None
     """The searched schedules, with each one also in diffusers' and ComfyUI's forms (schedule_io)."""
     record = dict(
         format=FILE_FORMAT, dataset_name=opts.dataset_name, solver=opts.solver,
-        solver_options=opts.solver_options, afs=bool(opts.afs), schedule_type=opts.schedule_type,
+        solver_options=opts.solver_options, afs=bool(opts.afs), compat=opts.get('compat'),
+        teacher_options=info['teacher_options'], schedule_type=opts.schedule_type,
         schedule_rho=opts.schedule_rho, sigma_min=float(sigma_min), sigma_max=float(sigma_max), metric=opts.metric,
         coeff=opts.coeff, solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, num_warmup=opts.num_warmup,
         warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
@@ -227,13 +238,16 @@ def schedule_from_file(opts, given):
     value of every schedule or search flag the run names."""
     path = opts.schedule_file
     record = read_schedule_file(path)
-    this = dict(dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs), **opts.solver_options)
+    this = dict(dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs), compat=opts.get('compat'),
+                **opts.solver_options)
     recorded = dict(record, **(record.get('solver_options') or {}))
     recorded.setdefault('afs', False)
+    recorded.setdefault('compat', None)      # files written before --compat existed
     for key, value in this.items():
         if key in recorded and recorded[key] != value:
+            fix = f'pass --{key}={recorded[key]}' if recorded[key] is not None else f'drop --{key}'
             raise UserError(f'--{key}: "{path}" was searched with {key}={recorded[key]}, this run has {value}; '
-                            f'pass --{key}={recorded[key]} or search again')
+                            f'{fix} or search again')
     for flag in SCHEDULE_FLAGS[1:] + SEARCH_FLAGS:
         if flag not in given:
             continue

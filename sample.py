@@ -123,6 +123,7 @@ IDENTITY = {
     'checkpoint': lambda r: checkpoint_identity(r.model, r.opts.model_path),
     'solver': lambda r: r.opts.solver,
     'solver_options': lambda r: r.opts.solver_options,
+    'compat': lambda r: r.opts.compat,            # None, or 'gits-main': the official code's computations
     't_steps': lambda r: [float(t) for t in r.t_steps] if r.t_steps is not None else None,
     'afs': lambda r: bool(r.opts.afs),
     'denoise_to_zero': lambda r: bool(r.opts.denoise_to_zero),
@@ -221,13 +222,13 @@ def open_outdir(outdir, record, seeds, subdirs, grid):
 
 
 def default_outdir(opts, nfe):
-    """samples/<dataset_name>/<solver>_nfe<NFE>[_<schedule>][_afs][_dtz]: the schedule's source
+    """samples/<dataset_name>/<solver>_nfe<NFE>[_<schedule>][_afs][_dtz][_gits-main]: the schedule's source
     (run_schedule.schedule_tag; none for EDM's polynomial rho 7), afs and denoise_to_zero are
     in the name, so that such runs never meet in one folder. Runs that differ in anything else of
     IDENTITY would, and the second is refused (check_outdir)."""
     tag = run_schedule.schedule_tag(opts)
     parts = [f'{opts.solver}_nfe{nfe}', '' if tag == 'polynomial' else tag,
-             'afs' if opts.afs else '', 'dtz' if opts.denoise_to_zero else '']
+             'afs' if opts.afs else '', 'dtz' if opts.denoise_to_zero else '', opts.get('compat') or '']
     return os.path.join('samples', opts.dataset_name, '_'.join(p for p in parts if p))
 
 
@@ -246,16 +247,13 @@ def validate(opts, given=()):
                                           ('--dp', opts.dp)) if given_]
     if len(sources) > 1:      # each of them fixes the schedule: refuse rather than silently pick one
         raise UserError(f'{sources[-1]}: cannot be combined with {sources[0]} (each one sets the schedule); drop one of them')
-    if opts.t_steps is not None:
-        try:
-            opts.t_steps_list = solver_utils.parse_t_steps(opts.t_steps)
-        except ValueError as e:
-            raise UserError(str(e)) from None
-    solver_options = dict(max_order=opts.max_order, predict_x0=opts.predict_x0,
-                          lower_order_final=opts.lower_order_final, variant=opts.variant,
-                          deis_mode=opts.deis_mode)
     try:
-        opts.solver_options = solvers.resolve_options(opts.solver, solver_options)
+        solver_utils.check_compat(opts.compat)
+        if opts.t_steps is not None:
+            opts.t_steps_list = solver_utils.parse_t_steps(opts.t_steps)
+            if opts.compat is not None:     # the official reads --t_steps into a float32 tensor
+                opts.t_steps_list = solver_utils.check_t_steps(np.float32(opts.t_steps_list).tolist())
+        resolve_solver_options(opts)
     except ValueError as e:
         raise UserError(str(e)) from None
     if opts.sigma_min is not None and opts.sigma_min <= 0:
@@ -265,6 +263,43 @@ def validate(opts, given=()):
     run_schedule.check_flags(opts, given)
     if opts.outdir is not None:
         dnnlib.util.check_writable_dir(opts.outdir)
+
+
+def resolve_solver_options(opts):
+    """opts.solver_flags: the solver option flags as given (None: not given); opts.solver_options:
+    the student's resolved options; with --dp also opts.teacher_options (the teacher takes the
+    student's options, as in the official code: gits.search_options). ValueError naming the flag."""
+    opts.solver_flags = dict(max_order=opts.max_order, predict_x0=opts.predict_x0,
+                             lower_order_final=opts.lower_order_final, variant=opts.variant,
+                             deis_mode=opts.deis_mode, thresholding=opts.thresholding)
+    if opts.dp:
+        opts.solver_options, opts.teacher_options = gits.search_options(
+            opts.solver, opts.solver_tea, opts.solver_flags, opts.compat, opts.num_steps_tea)
+        return
+    failure = solvers.official_max_order_failure(opts.solver, opts.solver_flags, opts.compat)
+    if failure:
+        raise ValueError(failure)
+    points = len(opts.t_steps_list) if opts.t_steps_list is not None else opts.num_steps
+    opts.solver_options = solvers.resolve_options(opts.solver, opts.solver_flags, opts.compat,
+                                                  num_points=None if opts.schedule_file else points)
+
+
+def check_schedule_for_solver(opts, t_steps):
+    """What --compat refuses for the schedule actually built (DEIS rhoAB crashes in the official
+    code from some length on; a searched schedule's length is known only now)."""
+    try:
+        solvers.resolve_options(opts.solver, opts.solver_options, opts.compat, num_points=len(t_steps))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+
+
+def check_thresholding(opts, model):
+    """Dynamic thresholding clamps the data prediction to [-1, 1]: wrong for autoencoder
+    latents, which are not data in that range. --compat=gits-main thresholds them anyway, as the
+    official code does (it is the point of compat)."""
+    if opts.thresholding and opts.compat is None and model.latent_space:
+        raise UserError(f'--thresholding: "{opts.dataset_name}" is a latent-space model (its latents are not data in '
+                        '[-1, 1], which thresholding assumes); drop the flag')
 
 
 def model_kwargs(opts):
@@ -289,13 +324,14 @@ def run(opts, given=()):
 
     model = models.load(opts.dataset_name, model_path=opts.model_path, device=device, **model_kwargs(opts))
     check_class_idx(opts, model)
+    check_thresholding(opts, model)
     if hasattr(model, 'check_seeds'):     # e.g. SD with --prompt_file: every seed needs its prompt line
         model.check_seeds(opts.seed_list)
     state = dnnlib.EasyDict(opts=opts, model=model, t_steps=None)
     afs = bool(opts.afs)
     if opts.dp and opts.save_schedules is None:     # refuse a folder of another configuration before the search
         nfe = solvers.count_nfe(opts.solver, run_schedule.expected_points(opts), afs=afs,
-                                denoise_to_zero=opts.denoise_to_zero)
+                                denoise_to_zero=opts.denoise_to_zero, compat=opts.compat, **opts.solver_options)
         outdir = opts.outdir or default_outdir(opts, nfe)
         dnnlib.util.check_writable_dir(outdir)
         dist.on_rank0(lambda: check_outdir(outdir, identity(state), skip=('t_steps',)))
@@ -306,7 +342,9 @@ def run(opts, given=()):
         dist.shutdown()
         return
     state.t_steps = t_steps
-    nfe = solvers.count_nfe(opts.solver, len(t_steps), afs=afs, denoise_to_zero=opts.denoise_to_zero)
+    check_schedule_for_solver(opts, t_steps)
+    nfe = solvers.count_nfe(opts.solver, len(t_steps), afs=afs, denoise_to_zero=opts.denoise_to_zero,
+                            compat=opts.compat, **opts.solver_options)
     outdir = opts.outdir or default_outdir(opts, nfe)
     dnnlib.util.check_writable_dir(outdir)
     t_text = solver_utils.format_t_steps(t_steps)
@@ -343,7 +381,7 @@ def run(opts, given=()):
             x = noise * float(t_steps[0])
             with torch.no_grad():
                 x = sample_fn(denoise, x, t_steps, afs=afs, denoise_to_zero=opts.denoise_to_zero,
-                              **opts.solver_options)
+                              compat=opts.compat, **opts.solver_options)
                 images = to_uint8(model.decode(x))
             if opts.grid:
                 grid_parts.extend(zip(batch_seeds, images))
@@ -383,7 +421,7 @@ def list_presets(ctx, _param, value):
 @click.option('--seeds', type=str, default='0-63', help='Seeds, e.g. 0-63,100,200-299')
 @click.option('--grid', type=BOOL, default=False, help='Write one grid image instead of one PNG per seed')
 @click.option('--subdirs', type=BOOL, default=False, help='Put images in per-1000-seed subfolders')
-@click.option('--outdir', type=str, default=None, help='Output folder [default: ./samples/<dataset_name>/<solver>_nfe<NFE>[_<schedule>][_afs][_dtz]]')
+@click.option('--outdir', type=str, default=None, help='Output folder [default: ./samples/<dataset_name>/<solver>_nfe<NFE>[_<schedule>][_afs][_dtz][_gits-main]]')
 @click.option('--device', type=str, default=None, help='torch device [default: cuda if available, else cpu]')
 @click.option('--class_idx', type=int, default=None, help='Class for class-conditional models [default: per seed]')
 @click.option('--use_fp16', type=BOOL, default=None, help='Half precision for networks that support it [default: on for CUDA]')
@@ -408,6 +446,8 @@ def list_presets(ctx, _param, value):
 @click.option('--lower_order_final', type=BOOL, default=None, help='dpmpp/unipc: lower order at the end [default: True]')
 @click.option('--variant', type=str, default=None, help='unipc: bh1 or bh2 [default: bh2]')
 @click.option('--deis_mode', type=str, default=None, help='deis: tab or rhoab [default: tab]')
+@click.option('--thresholding', type=BOOL, default=None, help='dpmpp/unipc with predict_x0: dynamic thresholding of the data prediction (pixel-space models) [default: False; True with --compat=gits-main]')
+@click.option('--compat', type=str, default=None, help='gits-main: reproduce the official GITS code (zju-pi/diff-sampler) instead of the correct mathematics where they differ (README: Differences from the official code)')
 # Guidance options.
 @click.option('--guidance_type', type=click.Choice(list(models.GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond')
 @click.option('--guidance_rate', type=float, default=None, help='Guidance scale')

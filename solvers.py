@@ -72,6 +72,17 @@ def _official_failure(solver, out, compat, num_points):
     return None
 
 
+def official_max_order_failure(solver, options, compat, role='--solver'):
+    """Why the official command line fails for `solver` without --max_order (None: it does not, or
+    the option is given). Its --max_order has no default and every multistep sampler asserts on
+    it, so a run of ipndm, ipndm_v, deis, dpmpp or unipc - as the student, or as the GITS teacher,
+    which gets the same flags - needs it on the command line."""
+    if compat is None or SOLVER_SPECS[solver].max_order_range is None or options.get('max_order') is not None:
+        return None
+    return (f'--max_order: the official gits-main has no default for it, and its {solver} ({role}) fails '
+            f'without one; pass it with --compat={compat}, as the official commands do (e.g. --max_order=4)')
+
+
 def resolve_options(solver, options, compat=None, num_points=None):
     """Validate the user's options for `solver` (None means 'not given') and fill in defaults.
     With `compat`, also refuse what the official code cannot run (some checks need `num_points`,
@@ -221,6 +232,13 @@ def _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters,
         x = x_next
         inters.append(x)
     return finish(denoise, x, ts[-1], inters, denoise_to_zero, return_inters)
+
+
+def run_table(denoise, x, t_steps, table, *, afs=False, return_inters=False):
+    """A noise-prediction multistep run with a given coefficient table (rows (a, weights) as
+    solver_utils builds them). Only for reproducing runs whose coefficients do not belong to their
+    schedule (the official GITS free-step search, gits.py); the solvers build their own."""
+    return _multistep(denoise, x, tuple(_floats(t_steps)), table, 'eps', afs, False, return_inters)
 
 
 def _validated(name, compat, ts, **options):

@@ -313,27 +313,31 @@ SEARCH_MODES = ('gits', 'student')
 def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
                   solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False, solver=None,
                   model=None, all_num_steps=None, search='gits', refine=False, refine_budget=4.0,
-                  student_grid=21, **options):
+                  student_grid=21, compat=None, denoise_to_zero=False, **options):
     """gits.search_rounds with the solver-aware search and refinement. search='gits': the paper's
     Euler-step cost matrix and DP (with afs, plus its free step); 'student': the solver-aware DP
     (with afs, the first step's afs is priced, and the path has one more step at the same NFE).
     refine: then refine the best of GITS, solver-aware and fixed schedules on the warm-up set
     with at most refine_budget times the teacher's evaluations. Returns ({num_steps: t_steps},
-    info)."""
+    info). compat and denoise_to_zero go to gits.search_rounds (compat is the paper's search only)."""
     if search not in SEARCH_MODES:
         raise ValueError(f'--search: unknown mode "{search}"; choose one of {", ".join(SEARCH_MODES)}')
     paper = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type,
                  schedule_rho=schedule_rho, solver_tea=solver_tea, num_steps_tea=num_steps_tea, metric=metric,
                  coeff=coeff, afs=afs, solver=solver, model=model, all_num_steps=all_num_steps)
     if search == 'gits' and not refine:
-        return gits.search_rounds(rounds, **paper, **options)
+        return gits.search_rounds(rounds, **paper, compat=compat, denoise_to_zero=denoise_to_zero, **options)
+    if compat is not None:
+        flag = '--refine' if refine else '--search'
+        raise ValueError(f'{flag}: the solver-aware search and refinement are not in the paper\'s code; '
+                         f'drop {flag} or --compat={compat}')
     wanted = sorted(set(all_num_steps or [num_steps]))
     t_tea = gits.teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted)
     solver = solver or 'ipndm'
-    options = solvers.resolve_options(solver, options)
+    options, teacher_options = gits.search_options(solver, solver_tea, options, num_steps_tea=num_steps_tea)
     timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0, student=0.0, refine=0.0)
     t0 = time.perf_counter()
-    data, teacher_calls, teacher_evals = gits.run_teachers(rounds, t_tea, solver_tea)
+    data, teacher_calls, teacher_evals = gits.run_teachers(rounds, t_tea, solver_tea, **teacher_options)
     timing['teacher'] = time.perf_counter() - t0
     total_teacher = dist.sum_over_ranks(teacher_evals)
     num_warmup = dist.sum_over_ranks(sum(r.size for r in data))
@@ -378,7 +382,8 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
                 evals=dict(teacher=total_teacher, afs=dist.sum_over_ranks(afs_evals), student=student_evals,
                            refine=sum(r['evals'] for r in refined.values())),
                 refined=refined, search=search, refine=bool(refine), metric=metric, coeff=coeff,
-                solver_tea=solver_tea, num_steps_tea=num_steps_tea, seconds=timing)
+                solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=teacher_options, compat=None,
+                seconds=timing)
     return schedules, info
 
 

@@ -16,7 +16,6 @@ searched for the same model, solver and number of steps (schedules.png, schedule
 the analytic models (gmm, gmm_wavelet, digits) it can also measure each schedule's true error.
 """
 
-import math
 import os
 
 import click
@@ -216,11 +215,18 @@ def load_model(opts):
     return model, device
 
 
-def solver_options(opts, solver):
-    if solver not in solvers.SOLVERS:
-        raise UserError(f'--solver: "{solver}" is not available; choose one of {", ".join(solvers.SOLVERS)}')
+def solver_options(opts, solver, solver_tea=None):
+    """The solver's resolved options (--max_order); with a GITS teacher, (student, teacher)
+    options as sample.py resolves them (gits.search_options)."""
+    flags = dict(max_order=opts.max_order)
     try:
-        return solvers.resolve_options(solver, dict(max_order=opts.max_order))
+        solver_utils.check_compat(opts.compat)
+        if solver_tea is not None:
+            return gits.search_options(solver, solver_tea, flags, opts.compat, opts.num_steps_tea)
+        failure = solvers.official_max_order_failure(solver, flags, opts.compat)
+        if failure:
+            raise ValueError(failure)
+        return solvers.resolve_options(solver, flags, opts.compat)
     except ValueError as e:
         raise UserError(str(e)) from None
 
@@ -243,6 +249,7 @@ def model_options(fn):
         click.option('--prompt', type=str, default=None, help='Prompt for Stable Diffusion'),
         click.option('--outdir', type=str, default=None, help='Output folder [default: ./trajectories/<dataset_name>]'),
         click.option('--max_order', type=int, default=None, help='Order of multistep solvers'),
+        click.option('--compat', type=str, default=None, help='gits-main: the official GITS code\'s solvers, schedules and search'),
     ]):
         fn = option(fn)
     return fn
@@ -279,9 +286,12 @@ def analyze(**kwargs):
     try:
         if opts.t_steps is not None:
             t_steps = torch.tensor(solver_utils.parse_t_steps(opts.t_steps), dtype=torch.float64)
+            if opts.compat is not None:        # the official reads --t_steps into float32
+                t_steps = torch.tensor(solver_utils.check_t_steps(t_steps.float().tolist()), dtype=torch.float64)
         else:
             t_steps = solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
-                                                opts.schedule_type, opts.schedule_rho, model=model)
+                                                opts.schedule_type, opts.schedule_rho, model=model, compat=opts.compat)
+        solvers.resolve_options(opts.solver, options, opts.compat, num_points=len(t_steps))
     except ValueError as e:
         raise UserError(str(e)) from None
     if len(t_steps) < 3:
@@ -291,12 +301,12 @@ def analyze(**kwargs):
     xs, dens = [], []
     for i in range(0, len(seeds), opts.batch):
         noise, denoise = seed_batch(model, seeds[i:i + opts.batch], device)
-        x, d = record_trajectories(denoise, noise, t_steps, opts.solver, **options)
+        x, d = record_trajectories(denoise, noise, t_steps, opts.solver, compat=opts.compat, **options)
         xs.append(x.flatten(2))
         dens.append(d.flatten(2))
     xs, dens = torch.cat(xs, 1), torch.cat(dens, 1)                    # [N, B, D]
     basis, shares = projection_basis(xs)
-    result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, seeds=seeds,
+    result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, compat=opts.compat, seeds=seeds,
                   t_steps=[float(t) for t in t_steps], t_steps_text=solver_utils.format_t_steps(t_steps),
                   sampling=dict(profile_stats(xs), top2_deviation_share=shares),
                   denoising=profile_stats(dens))
@@ -313,21 +323,21 @@ def analyze(**kwargs):
 
 # ----------------------------------------------------------------------------------------------
 
-def schedule_errors(model, table, solver, options, seeds, device, afs=False):
+def schedule_errors(model, table, solver, options, seeds, device, afs=False, compat=None):
     """RMSE of `solver` on each schedule of `table` against the analytic model's exact ODE
-    solution, per seed and then the mean over seeds (all schedules share their end points, so one
-    exact solve serves them all)."""
+    solution from the same start, per seed and then the mean over seeds (one exact solve per pair
+    of end points: our schedules share them; the official float32 ones, --compat, differ in the
+    last digits)."""
     noise, denoise = seed_batch(model, seeds, device)
-    first = next(iter(table.values()))
-    x0 = noise * float(first[0])
+    exact = {}
+    errors = {}
     with torch.no_grad():
-        ref = model.exact(x0, float(first[0]), float(first[-1])).double()
-        errors = {}
         for name, schedule in table.items():
-            if not (math.isclose(schedule[0], first[0], rel_tol=1e-9) and math.isclose(schedule[-1], first[-1], rel_tol=1e-9)):
-                raise ValueError(f'schedule {name} does not share the end points of {next(iter(table))}')
-            out = solvers.SOLVERS[solver](denoise, x0, schedule, afs=afs, **options)
-            errors[name] = float(misc.per_seed_rmse(out, ref).mean())
+            ends = (float(schedule[0]), float(schedule[-1]))
+            if ends not in exact:
+                exact[ends] = model.exact(noise * ends[0], *ends).double()
+            out = solvers.SOLVERS[solver](denoise, noise * ends[0], schedule, afs=afs, compat=compat, **options)
+            errors[name] = float(misc.per_seed_rmse(out, exact[ends]).mean())
     return errors
 
 
@@ -347,8 +357,7 @@ def schedule_errors(model, table, solver, options, seeds, device, afs=False):
 def schedules(**kwargs):
     """Compare polynomial, logsnr, time_uniform and GITS schedules for one model and NFE."""
     opts = dnnlib.EasyDict(kwargs)
-    options = solver_options(opts, opts.solver)
-    solver_options(opts, opts.solver_tea)
+    options, teacher_options = solver_options(opts, opts.solver, opts.solver_tea)
     if opts.num_steps_tea < opts.num_steps:
         raise UserError(f'--num_steps_tea: must be at least --num_steps ({opts.num_steps})')
     if not opts.coeff > 0:
@@ -366,11 +375,9 @@ def schedules(**kwargs):
 
     # The compared schedules as the paper runs them: polynomial with rho (EDM's 7), logsnr, and
     # time_uniform uniform in VP time (rho = 1); GITS searches on a polynomial teacher grid.
-    table = {'polynomial': solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
-                                                     'polynomial', opts.schedule_rho),
-             'logsnr': solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max, 'logsnr'),
-             'time_uniform': solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
-                                                       'time_uniform', 1.0)}
+    fixed = dict(polynomial=opts.schedule_rho, logsnr=7.0, time_uniform=1.0)
+    table = {kind: solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max, kind, rho,
+                                             compat=opts.compat) for kind, rho in fixed.items()}
     warm = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
     noise, denoise = seed_batch(model, warm, device, warmup=True)
     try:
@@ -378,15 +385,21 @@ def schedules(**kwargs):
             denoise, noise, num_steps=opts.num_steps, sigma_min=model.sigma_min, sigma_max=model.sigma_max,
             schedule_type='polynomial', schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
             num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
-            solver=opts.solver, model=model, batch_size=64, **options)
+            solver=opts.solver, model=model, batch_size=64, compat=opts.compat, max_order=opts.max_order)
     except ValueError as e:
         raise UserError(str(e)) from None
     afs = bool(opts.afs)   # without GITS afs saves one evaluation; with GITS it buys a free extra step
-    nfe = {k: solvers.count_nfe(opts.solver, len(v), afs=afs) for k, v in table.items()}
+    nfe = {k: solvers.count_nfe(opts.solver, len(v), afs=afs, compat=opts.compat, **options) for k, v in table.items()}
     errors = None
     if error_seeds:
-        errors = schedule_errors(model, table, opts.solver, options, error_seeds, device, afs)
+        try:
+            for v in table.values():
+                solvers.resolve_options(opts.solver, options, opts.compat, num_points=len(v))
+        except ValueError as e:
+            raise UserError(str(e)) from None
+        errors = schedule_errors(model, table, opts.solver, options, error_seeds, device, afs, opts.compat)
     result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, afs=afs,
+                  compat=opts.compat, teacher_options=teacher_options,
                   num_steps=opts.num_steps, nfe=nfe, num_warmup=opts.num_warmup, num_steps_tea=opts.num_steps_tea,
                   solver_tea=opts.solver_tea, coeff=opts.coeff, metric=opts.metric, warmup_seed=opts.warmup_seed,
                   schedules={k: [float(t) for t in v] for k, v in table.items()},

@@ -2,15 +2,24 @@
 models: per-seed RMSE to the exact ODE solution, mean over seeds, at NFE 5/6/8/10, our default
 vs the official variant, each difference isolated where the options allow it.
 
-    python benchmarks/compat.py                        # gmm and digits, 32 seeds (~1-3 min on 2 cores)
-    python benchmarks/compat.py --models=gmm --seeds=0-63
+    python benchmarks/compat.py                        # gmm and digits, 32 seeds, 64 warm-ups (21 min on 2 cores)
+    python benchmarks/compat.py --models=digits --seeds=0-63     # digits only: about a minute
 
 Every solver row runs on our schedule of the solver's README recipe (the same t_steps for both
 columns); the schedule row compares our and the official time_uniform schedule with our DEIS.
 The short-schedule rows use 3 time points (below NFE 5), where the official warm-up and UniPC
 corrector differ (both sides threshold there, to isolate the step rules). Rows where only the
 thresholding differs compare thresholding=True with our default (for unipc at these lengths,
-that is all of compat='gits-main'). Writes benchmarks/results/compat.json and prints markdown tables.
+that is all of compat='gits-main').
+
+The search rows run the paper's GITS search (61 polynomial teacher points, 'dev', coeff 1.15) on
+--num_warmup warm-up seeds (disjoint from the evaluation seeds) and measure the student on the
+searched schedule for each NFE: the teacher's options (the teacher solver's own defaults, as
+this code ran it before, vs the student's, as the official and now our default), the afs search
+(ours: exact teacher plus a free step vs the official: the teacher takes the analytical first
+step; both with our solvers, so only the search differs; the official mostly keeps num_steps
+points, so the same NFE takes one more num_steps), and the whole --compat=gits-main search and
+sampling. Writes benchmarks/results/compat.json and prints markdown tables.
 """
 
 import os
@@ -21,6 +30,7 @@ import click
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib                    # noqa: E402
+import gits                      # noqa: E402
 import models                    # noqa: E402
 import solver_utils              # noqa: E402
 import solvers                   # noqa: E402
@@ -29,6 +39,7 @@ from analytic import latents, num_points_for, parse_models_and_seeds, run_and_wr
 
 NFES = (5, 6, 8, 10)
 COMPAT = 'gits-main'
+WARMUP_SEED = 1_000_000_000      # sample.py's default: never an evaluation seed
 RECIPES = {'ipndm_v': ('polynomial', 7.0), 'deis': ('time_uniform', 2.0), 'dpmpp': ('logsnr', 7.0),
            'unipc': ('logsnr', 7.0)}
 
@@ -56,7 +67,7 @@ def per_seed_rmse(out, exact):
     return float(misc.per_seed_rmse(out, exact).mean())
 
 
-def run_model(model, seeds):
+def run_model(model, seeds, warmup_seeds):
     x = latents(model, seeds)
     exact = model.exact(x, model.sigma_max, model.sigma_min)
     rows = []
@@ -95,7 +106,75 @@ def run_model(model, seeds):
         short.append(dict(difference=difference, solver=solver, options=options, official=official,
                           nfe=[solvers.count_nfe(solver, 3, compat=extra.get('compat'), **options) for extra in (ours, official)],
                           rmse=[per_seed_rmse(fn(model.denoise, x, ts, **options, **extra), exact) for extra in (ours, official)]))
-    return dict(rows=rows, short=short)
+    warm = latents(model, warmup_seeds) / model.sigma_max          # standard normal, as the search takes it
+    return dict(rows=rows, short=short, search=search_rows(model, x, warm))
+
+
+# ----------------------------------------------------------------------------------------------
+# Search-side differences.
+
+TEA_POINTS = 61
+SEARCH_NUM_STEPS = range(3, 14)        # enough lengths for NFE 5..10 with and without a free step
+
+# (difference, student, options, afs, ours, official): ours / official are (teacher, teacher
+# options or None for the student's, afs teacher, compat).
+SEARCH_ROWS = [
+    ('teacher options (SD recipe)', 'dpmpp', dict(max_order=2, predict_x0=False), False,
+     ('dpmpp', {}, False, None), ('dpmpp', None, False, None)),
+    ('teacher options', 'ipndm', dict(max_order=3), False, ('ipndm', {}, False, None), ('ipndm', None, False, None)),
+    ('afs in the search', 'ipndm', dict(max_order=4), True, ('ipndm', None, False, None), ('ipndm', None, True, None)),
+    ('afs in the search', 'euler', dict(max_order=4), True, ('ipndm', None, False, None), ('ipndm', None, True, None)),
+    ('all of --compat=gits-main (search and sampling)', 'ipndm', dict(max_order=4), True,
+     ('ipndm', None, False, None), ('ipndm', None, True, COMPAT)),
+    ('all of --compat=gits-main (search and sampling)', 'dpmpp', dict(max_order=2, predict_x0=False), False,
+     ('dpmpp', {}, False, None), ('dpmpp', None, False, COMPAT)),
+]
+
+
+def searched_schedules(model, warm, solver, options, afs, variant):
+    """{NFE: t_steps} of one search variant (teacher, teacher options, afs teacher, compat),
+    through gits.py's pieces: teacher runs, cost matrix and DP, free step."""
+    solver_tea, teacher_options, teacher_afs, compat = variant
+    student, inherited = gits.search_options(solver, solver_tea, options, compat, TEA_POINTS)
+    teacher_options = inherited if teacher_options is None else solvers.resolve_options(solver_tea, teacher_options)
+    wanted = list(SEARCH_NUM_STEPS)
+    t_tea = gits.teacher_grid(TEA_POINTS, model.sigma_min, model.sigma_max, 'polynomial', 7.0, None, wanted, compat)
+    rounds = gits.warmup_split(model.denoise, warm, 64)
+    data, _, _ = gits.run_teachers(rounds, t_tea, solver_tea, teacher_afs, compat, **teacher_options)
+    out = {}
+    for n, path in gits.gits_paths(data, t_tea, wanted).items():
+        t_steps = t_tea[path].clone()
+        if afs:
+            t_steps, _, _ = gits.afs_free_step(data, t_tea, path, solver, student, compat)
+        nfe = solvers.count_nfe(solver, len(t_steps), afs=afs, compat=compat, **student)
+        out.setdefault(nfe, (t_steps, student, teacher_options))
+    return out
+
+
+def search_rows(model, x, warm):
+    exact = {}
+
+    def error(solver, t_steps, afs, compat, options):
+        start = float(t_steps[0])
+        key = (start, float(t_steps[-1]))
+        x0 = x / model.sigma_max * start
+        if key not in exact:
+            exact[key] = model.exact(x0, *key)
+        out = solvers.SOLVERS[solver](model.denoise, x0, t_steps, afs=afs, compat=compat, **options)
+        return per_seed_rmse(out, exact[key])
+
+    rows = []
+    for difference, solver, options, afs, ours, official in SEARCH_ROWS:
+        found = [searched_schedules(model, warm, solver, options, afs, v) for v in (ours, official)]
+        cells, points, teachers = [], [], []
+        for nfe in NFES:
+            pair = [f.get(nfe) for f in found]
+            cells.append([None if p is None else error(solver, p[0], afs, v[3], p[1]) for p, v in zip(pair, (ours, official))])
+            points.append([None if p is None else len(p[0]) for p in pair])
+            teachers = [p[2] for p in pair if p is not None] or teachers
+        rows.append(dict(difference=difference, solver=solver, options=options, afs=afs, ours=list(ours),
+                         official=list(official), teacher_options=teachers, points=points, rmse=cells))
+    return rows
 
 
 def _options_text(row):
@@ -115,18 +194,24 @@ def print_tables(results):
         for row in res['short']:
             print(f'| {row["difference"]} (3 points, NFE {row["nfe"][0]} / {row["nfe"][1]}) | {_options_text(row)} | '
                   f'logsnr | {row["rmse"][0]:.4f} / {row["rmse"][1]:.4f} |' + ' |' * (len(results['nfes']) - 1))
+        for row in res['search']:
+            cells = ' | '.join(' / '.join('-' if v is None else f'{v:.4f}' for v in pair) for pair in row['rmse'])
+            afs = ', afs' if row['afs'] else ''
+            print(f'| {row["difference"]} | {_options_text(row)}{afs} | GITS | {cells} |')
 
 
 @click.command()
 @click.option('--models', 'model_names', type=str, default='gmm,digits', help='Comma-separated analytic models')
 @click.option('--seeds', type=str, default='0-31', help='Seeds of the latents, e.g. 0-31')
+@click.option('--num_warmup', type=click.IntRange(min=1), default=64, help='GITS warm-up seeds (from 1000000000)')
 @click.option('--out', type=str, default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'compat.json'),
               help='JSON output')
-def main(model_names, seeds, out):
-    """Our solvers vs the official gits-main variants on the analytic models."""
+def main(model_names, seeds, num_warmup, out):
+    """Our solvers and search vs the official gits-main variants on the analytic models."""
     names, seed_list = parse_models_and_seeds(model_names, seeds)
-    run_and_write(lambda: dict(nfes=list(NFES), seeds=seed_list, compat=COMPAT,
-                               models={name: run_model(models.load(name), seed_list) for name in names}),
+    warmup_seeds = list(range(WARMUP_SEED, WARMUP_SEED + num_warmup))
+    run_and_write(lambda: dict(nfes=list(NFES), seeds=seed_list, num_warmup=num_warmup, compat=COMPAT,
+                               models={name: run_model(models.load(name), seed_list, warmup_seeds) for name in names}),
                   print_tables, out)
 
 

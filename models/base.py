@@ -20,6 +20,7 @@ class Model:
     supports_fp16 = False
     use_fp16 = False              # whether the network runs in half precision (it changes the images)
     checkpoint_files = ()         # local files the weights were read from (a run's record fingerprints them)
+    latent_space = False          # True: the ODE runs on autoencoder latents, whose values are not data in [-1, 1]
 
     @property
     def shape(self):

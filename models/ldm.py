@@ -269,6 +269,7 @@ class LatentDiffusion(DiscreteVPModel):
     decoder. decode(x) = first_stage.decode(x / scale_factor) in float32, in chunks."""
 
     supports_fp16 = True
+    latent_space = True
 
     def __init__(self, unet, first_stage, alphas_cumprod, channels, image_size, scale_factor=1.0,
                  device='cpu', use_fp16=False):

@@ -249,20 +249,24 @@ def _first_output(denoise, x, t, predict_x0, afs):
     return threshold(x - t * d) if predict_x0 else d
 
 
-def _dpmpp(denoise, x, ts, afs, max_order=3, predict_x0=True, lower_order_final=True):
+def _dpmpp(denoise, x, ts, afs, max_order=3, predict_x0=True, lower_order_final=True, num_steps=None):
     """DPM-Solver++ multistep (arXiv 2211.01095) with h = lambda' - lambda, r_k = h_k / h,
     D1_k = (M_k - M_{k+1}) / r_k, D1 = D1_0 + r0 (D1_0 - D1_1) / (r0 + r1), D2 = (D1_0 - D1_1) / (r0 + r1):
     data prediction (phi1 = e^-h - 1, phi2 = phi1/h + 1, phi3 = phi2/h - 1/2)
         order 1: x' = (t'/t) x - phi1 M0;  2: ... - phi1 D1_0 / 2;  3: ... + phi2 D1 - phi3 D2,
     noise prediction (phi1 = e^h - 1, phi2 = phi1/h - 1, phi3 = phi2/h - 1/2)
-        order 1: x' = x - t' phi1 M0;  2: ... - t' phi1 D1_0 / 2;  3: ... - t' (phi2 D1 + phi3 D2)."""
+        order 1: x' = x - t' phi1 M0;  2: ... - t' phi1 D1_0 / 2;  3: ... - t' (phi2 D1 + phi3 D2).
+    `num_steps`: the length the official's order rule is told (its GITS free-step search passes one
+    point fewer than the schedule has); an order below 1 fails there."""
     n = len(ts) - 1
     traj, times, Ms = [x], [], []        # newest first
     for i in range(n):
         M = _first_output(denoise, x, ts[i], predict_x0, afs) if i == 0 else _model_output(denoise, x, ts[i], predict_x0)
         times.insert(0, ts[i])
         Ms.insert(0, M)
-        p = _official_order(i, n, max_order, lower_order_final)
+        p = _official_order(i, n if num_steps is None else num_steps - 1, max_order, lower_order_final)
+        if p < 1:
+            raise OfficialCrash(f'dpmpp: order {p} at step {i}')
         t, t_next = ts[i], ts[i + 1]
         h = math.log(t) - math.log(t_next)
         r = [(math.log(times[k + 1]) - math.log(times[k])) / h for k in range(p - 1)]
@@ -352,3 +356,103 @@ SAMPLERS = {
 def sample(name, denoise, x, ts, afs=False, denoise_to_zero=False, **options):
     ts = [float(t) for t in ts]
     return _finish(denoise, SAMPLERS[name](denoise, x, ts, afs, **options), ts, denoise_to_zero)
+
+
+# ----------------------------------------------------------------------------------------------
+# The official GITS search (gits_utils.get_dp_list), from its formulas: one set of solver flags
+# for the student and the teacher; the teacher (with the student's afs) records its points and the
+# slope it stepped with at each; C[i][j] prices one Euler step i -> j; the DP keeps the value
+# table V[i][k] and backtracks by the first j whose value reproduces V exactly; with afs every
+# point strictly between the first two chosen ones is tried as an extra step, the student run
+# with afs and told the student's num_steps.
+
+FLAGS = {'euler': (), 'heun': (), 'dpm': (), 'ipndm': ('max_order',), 'ipndm_v': ('max_order',),
+         'deis': ('max_order', 'deis_mode'), 'dpmpp': ('max_order', 'predict_x0', 'lower_order_final'),
+         'unipc': ('max_order', 'predict_x0', 'lower_order_final', 'variant')}   # what each sampler reads
+
+
+def _flags(name, flags):
+    return {k: flags[k] for k in FLAGS[name] if k in flags}
+
+
+def chord_distance(points, start, end):
+    """Per sample, the distance of each point [B, D] from the line through start and end,
+    measured from the end point: |(e - p) - ((e - p) . u) u| with u = (e - s) / |e - s|."""
+    u = (end - start) / (end - start).norm(dim=1, keepdim=True)
+    ep = end - points
+    return (ep - (ep * u).sum(1, keepdim=True) * u).norm(dim=1)
+
+
+def cost_matrix(traj, slopes, ts, metric):
+    """[N, N] (zero on and below the diagonal): batch means of the metric of the Euler step from
+    teacher point i with its slope, against teacher point j; 'dev' = its chord distance minus the
+    teacher point's (whose last one counts as 0)."""
+    n = len(ts)
+    flat = [x.reshape(x.shape[0], -1) for x in traj]
+    start, end = flat[0], flat[-1]
+    dev_tea = [chord_distance(flat[j], start, end).mean() for j in range(1, n - 1)] + [0.0]
+    cost = np.zeros((n, n))
+    for i in range(n - 1):
+        d = slopes[i].reshape(flat[i].shape)
+        for j in range(i + 1, n):
+            step = flat[i] + (ts[j] - ts[i]) * d
+            if metric == 'l1':
+                cost[i][j] = float((step - flat[j]).abs().sum(1).mean())
+            elif metric == 'l2':
+                cost[i][j] = float((step - flat[j]).norm(dim=1).mean())
+            else:
+                cost[i][j] = float(chord_distance(step, start, end).mean() - dev_tea[j - 1])
+    return cost
+
+
+def dp(cost, num_steps, coeff):
+    """The official DP: V[i][1] = C[i][-1], V[j][k] = min_{j<i<n-1} C[j][i] + coeff V[i][k-1];
+    from 0, each next point is the first j with V[w][k] == C[w][j] + coeff V[j][k-1]."""
+    n, K = len(cost), num_steps - 1
+    V = np.full((n, K + 1), np.inf)
+    V[:, 1] = cost[:, -1]
+    for k in range(2, K + 1):
+        for j in range(n - 1):
+            for i in range(j + 1, n - 1):
+                V[j][k] = min(V[j][k], cost[j][i] + coeff * V[i][k - 1])
+    path, w = [0], 0
+    for k in range(K, 0, -1):
+        for j in range(w + 1, n):
+            if V[w][k] == cost[w][j] + coeff * V[j][k - 1]:
+                path.append(j)
+                w = j
+                break
+    return path + [n - 1]
+
+
+def _trial(denoise, x, ts, solver, flags, num_steps, solver_tea, t_tea):
+    """One free-step candidate as the official samples it (OfficialCrash where that fails)."""
+    if solver == 'unipc':
+        raise OfficialCrash('no UniPC in the free-step search')
+    if solver == 'deis':            # the coefficient list is the teacher's (None unless it is DEIS)
+        if solver_tea != 'deis':
+            raise OfficialCrash('deis without a coefficient list')
+        rows = lambda ts_, i, p, max_order, **mode: ([ts_[i + 1] - ts_[i]] if p == 1 else
+                                                     _deis_coefficients(t_tea, i, p, max_order, **mode))
+        return _multistep_on_slope(rows)(denoise, x, ts, True, **_flags('deis', flags))[-1]
+    extra = dict(num_steps=num_steps) if solver == 'dpmpp' else {}
+    return sample(solver, denoise, x, ts, afs=True, **_flags(solver, flags), **extra)[-1]
+
+
+def search(denoise, latents, t_tea, num_steps, solver, solver_tea, flags, afs=False, metric='dev', coeff=1.15):
+    """The official search's t_tea indices (OfficialCrash where it fails)."""
+    ts = [float(t) for t in t_tea]
+    traj = sample(solver_tea, denoise, latents * ts[0], ts, afs=afs, **_flags(solver_tea, flags))
+    slopes = [_afs_slope(traj[0], ts[0]) if afs and i == 0 else _slope(denoise, traj[i], ts[i])
+              for i in range(len(ts) - 1)]
+    path = dp(cost_matrix(traj, slopes, ts, metric), num_steps, coeff)
+    if not afs:
+        return path
+    best, chosen = math.inf, path
+    for k in range(1, path[1]):
+        trial = path[:1] + [k] + path[1:]
+        out = _trial(denoise, latents * ts[0], [ts[m] for m in trial], solver, flags, num_steps, solver_tea, ts)
+        dist = float((out - traj[-1]).reshape(out.shape[0], -1).norm(dim=1).mean())
+        if dist < best:
+            best, chosen = dist, trial
+    return chosen
