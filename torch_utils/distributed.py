@@ -164,13 +164,9 @@ def broadcast_object(obj, src=0):
     return box[0]
 
 
-def rank0_first(fn):
-    """fn() on rank 0 first (it may download or unpack), then on the other ranks, which find the
-    files in place instead of racing for them. A UserError on rank 0 is raised on every rank, so
-    none is left waiting (and rank 0 alone prints it); one that only a later rank meets is its
-    own to print. Without torchrun it is just fn()."""
-    if not is_distributed():
-        return fn()
+def _run_on_rank0(fn):
+    """fn() on rank 0 (None elsewhere). A UserError there is raised on every rank, so none is
+    left waiting (and rank 0 alone prints it)."""
     result, error = None, None
     if get_rank() == 0:
         try:
@@ -180,6 +176,16 @@ def rank0_first(fn):
     error = broadcast_object(error)
     if error is not None:
         raise UserError(error)
+    return result
+
+
+def rank0_first(fn):
+    """fn() on rank 0 first (it may download or unpack), then on the other ranks, which find the
+    files in place instead of racing for them. A UserError on rank 0 is raised on every rank; one
+    that only a later rank meets is its own to print. Without torchrun it is just fn()."""
+    if not is_distributed():
+        return fn()
+    result = _run_on_rank0(fn)
     if get_rank() == 0:
         return result
     try:
@@ -195,16 +201,7 @@ def on_rank0(fn):
     and its record, a file written for all. Without torchrun it is just fn()."""
     if not is_distributed():
         return fn()
-    result, error = None, None
-    if get_rank() == 0:
-        try:
-            result = fn()
-        except UserError as e:
-            error = str(e)
-    result, error = broadcast_object((result, error))
-    if error is not None:
-        raise UserError(error)
-    return result
+    return broadcast_object(_run_on_rank0(fn))
 
 
 def resolve_file(url_or_path, flag, cache_dir):
