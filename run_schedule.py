@@ -172,7 +172,7 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
             schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
             num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
             solver=opts.solver, model=model, all_num_steps=all_steps, search=opts.get('search') or 'gits',
-            refine=bool(opts.get('refine')), refine_budget=opts.get('refine_budget') or 4.0,
+            refine=bool(opts.get('refine')), refine_budget=opts.get('refine_budget') or student_search.REFINE_BUDGET,
             compat=opts.get('compat'), denoise_to_zero=bool(opts.denoise_to_zero), **opts.solver_flags)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -180,10 +180,26 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     dist.print0(f'GITS teacher: {opts.solver_tea} ({teacher_text}' + (', afs' if info.get('teacher_afs') else '') + ')')
     dist.print0('GITS search: ' + ', '.join(f'{v:.2f}s {STAGE_NAMES[k]}' for k, v in info['seconds'].items()))
     dist.print0('Search evaluations: ' + ', '.join(f'{v} {STAGE_NAMES[k]}' for k, v in info['evals'].items()))
+    for n, r in sorted(info.get('refined', {}).items(), key=lambda kv: int(kv[0])):
+        dist.print0(refinement_line(n, r))
     if opts.save_schedules:
         dist.on_rank0(lambda: save_schedules(opts.save_schedules, schedules, opts, info, sigma_min, sigma_max, model))
         info['saved_num_steps'] = sorted(schedules)
     return schedules[opts.num_steps] if opts.num_steps in schedules else None, info
+
+
+def refinement_line(num_steps, r):
+    """What the refinement did for one num_steps, in one line."""
+    head = (f'Refinement, num_steps {num_steps}: start {r["start"]} '
+            f'(warm-up RMSE {r["start_objectives"][r["start"]]:.4g})')
+    spent = f'{r["evals"]} of {r["budget"]} evaluations' if r['budget'] is not None else f'{r["evals"]} evaluations'
+    if not r['steps']:
+        return f'{head}, no step lowered the fit objective: start kept; {spent}'
+    c = r['check']
+    verdict = 'kept' if r['kept'] else 'rejected (gain within one SE), start kept'
+    return (f'{head}, {r["steps"]} steps, fit {r["trace"][0][0]:.4g} -> {r["trace"][-1][1]:.4g} on {r["fit"]}, '
+            f'check {c["start"]:.4g} -> {c["refined"]:.4g} on {c["size"]} (gain {c["gain"]:.2g} +- {c["se"]:.2g} SE): '
+            f'{verdict}; {spent}')
 
 
 # ----------------------------------------------------------------------------------------------
@@ -203,7 +219,7 @@ def save_schedules(path, schedules, opts, info, sigma_min, sigma_max, model=None
         schedule_rho=opts.schedule_rho, sigma_min=float(sigma_min), sigma_max=float(sigma_max), metric=opts.metric,
         coeff=opts.coeff, solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, num_warmup=opts.num_warmup,
         warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
-        refine_budget=(opts.get('refine_budget') or 4.0) if info['refine'] else None,
+        refine_budget=(opts.get('refine_budget') or student_search.REFINE_BUDGET) if info['refine'] else None,
         guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate, class_idx=opts.class_idx,   # provenance
         schedules={str(n): [float(t) for t in ts] for n, ts in sorted(schedules.items())},
         t_steps_text={str(n): solver_utils.format_t_steps(ts) for n, ts in sorted(schedules.items())},

@@ -44,6 +44,7 @@ from torch_utils import misc
 # by a coarser candidate grid (`student_grid` points of the teacher grid).
 
 CORRECTOR_SOLVERS = ('unipc',)     # the step i -> j is corrected with an evaluation at t_j
+STUDENT_SUBSET = 32                # warm-up trajectories the DP prices its steps on
 
 
 def _form(options):
@@ -126,7 +127,7 @@ def price_step(rnd, t_tea, path, j, solver, options, afs=False):
     return misc.per_seed_rmse(out, rnd.xs[j]), forced.evals
 
 
-def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, grid=21, subset=32, timing=None):
+def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, grid=21, subset=STUDENT_SUBSET, timing=None):
     """Forward DP over (teacher index, steps taken) on the candidate grid; each state keeps its
     best path, which is the history its next step is priced with. Path value = sum_k coeff^k *
     (mean step RMSE), as in the GITS DP. Steps are priced on the warm-up trajectories with global
@@ -168,14 +169,76 @@ def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, g
 
 
 # ----------------------------------------------------------------------------------------------
-# 2. Refinement: move the interior points (in log sigma, order kept) to minimise the student's
-# final-point RMSE against the teacher's on (a subset of) the warm-up set, within a budget of
-# denoiser evaluations. Pattern search: each interior point in turn moves a fraction of the gap
-# towards one neighbour; a move is kept only if the warm-up objective drops, so it never rises;
-# the fraction halves after a sweep with no gain. Starts from the best of the given schedules
-# (e.g. GITS DP, solver-aware DP, fixed schedules) on the same objective.
+# 2. Refinement: move the interior points, in log sigma, to minimise the student's final-point
+# error against the teacher's on the warm-up set, within a budget of denoiser evaluations.
+#
+# The objective is the project's one error measure: the mean over trajectories of the per-seed
+# RMSE. It is minimised by Levenberg-Marquardt on iteratively reweighted least squares: the
+# residual of a trajectory is its final-point difference r_i (a vector), and weighting |r_i|^2 by
+# 1 / |r_i| at the current point makes the least-squares gradient that of the sum of |r_i|. The
+# Jacobian of the residuals in the interior log sigmas comes from forward differences on a
+# mini-batch of trajectories (a perturbed run replays the base run's calls up to the moved point,
+# so point k costs only the evaluations after it); each proposed step is then accepted only if it
+# lowers the objective over the whole fit part, so that objective never rises and a mini-batch
+# cannot overfit the step. The warm-up set is split by global index: the first 3/4 fit, the last
+# 1/4 check. The refined schedule is kept only if its gain over its start on the check part
+# exceeds one paired standard error; otherwise the start is returned. The start is the best of
+# the given schedules (GITS, solver-aware DP, fixed ones) on the warm-up trajectories that no
+# search has fitted (the solver-aware DP prices its steps on the first STUDENT_SUBSET).
 
+REFINE_BUDGET = 4.0       # default evaluations for the refinement, in multiples of the teacher's
+CHECK_FRACTION = 0.25     # the last quarter of the warm-up set decides whether a refinement is kept
+BATCH = 64                # trajectories per Jacobian
+FD_STEP = 0.01            # finite-difference step, a fraction of the point's smaller log-sigma gap
+MIN_GAP = 1e-3            # smallest log-sigma gap between neighbouring points after a step
 FIXED_SCHEDULES = (('polynomial', 7.0), ('logsnr', 1.0), ('time_uniform', 2.0))
+
+
+class _Replay:
+    """A denoiser for a run that shares a prefix with a recorded base run: while its calls repeat
+    the base run's bit for bit (same noise level, same input), it returns the recorded outputs
+    without evaluating; from the first different call on, it evaluates (and counts)."""
+
+    def __init__(self, denoise, base_calls):
+        self.denoise, self.base = denoise, base_calls
+        self.next, self.live, self.evals = 0, base_calls is None, 0
+
+    def __call__(self, x, sigma):
+        if not self.live and self.next < len(self.base):
+            level, seen, out = self.base[self.next]
+            if level == float(sigma) and seen.shape == x.shape and torch.equal(seen, x):
+                self.next += 1
+                return out.clone()
+        self.live = True
+        self.evals += x.shape[0]
+        return self.denoise(x, sigma)
+
+
+class _Taping:
+    """A denoiser that records every call (noise level, input, output) for _Replay."""
+
+    def __init__(self, denoise):
+        self.denoise, self.calls, self.evals = denoise, [], 0
+
+    def __call__(self, x, sigma):
+        out = self.denoise(x, sigma)
+        self.calls.append((float(sigma), x.clone(), out.clone()))
+        self.evals += x.shape[0]
+        return out
+
+
+def _slices(data, lo, hi):
+    """(round, a, b): the rows of each round whose global index lies in [lo, hi)."""
+    for rnd in data:
+        a = max(0, lo - rnd.first)
+        b = rnd.size if hi is None else max(a, min(rnd.size, hi - rnd.first))
+        if b > a:
+            yield rnd, a, b
+
+
+def _run(denoise, rnd, a, b, t_steps, solver, options, afs):
+    with torch.no_grad():
+        return solvers.SOLVERS[solver](denoise, rnd.latents[a:b] * float(t_steps[0]), t_steps, afs=afs, **options)
 
 
 def warmup_errors(data, t_steps, solver, options, afs=False, lo=0, hi=None):
@@ -183,17 +246,10 @@ def warmup_errors(data, t_steps, solver, options, afs=False, lo=0, hi=None):
     the teacher's, over the warm-up trajectories with global index in [lo, hi); and the
     evaluations spent on this rank."""
     rows, evals = [], 0
-    fn = solvers.SOLVERS[solver]
-    for rnd in data:
-        a = max(0, lo - rnd.first)
-        b = rnd.size if hi is None else max(a, min(rnd.size, hi - rnd.first))
-        if b <= a:
-            continue
+    for rnd, a, b in _slices(data, lo, hi):
         counter = solver_utils.Recorder(rnd.denoise)
-        with torch.no_grad():
-            x = fn(counter, rnd.latents[a:b] * float(t_steps[0]), t_steps, afs=afs, **options)
+        e = misc.per_seed_rmse(_run(counter, rnd, a, b, t_steps, solver, options, afs), rnd.xs[-1, a:b])
         evals += counter.evals
-        e = misc.per_seed_rmse(x, rnd.xs[-1, a:b])
         rows.extend((rnd.first + a + m, e[m]) for m in range(b - a))
     return dist.gather_in_order(rows), evals
 
@@ -206,33 +262,93 @@ def warmup_objective(data, t_steps, solver, options, afs=False, subset=None):
     return float(errors.mean()), evals
 
 
-def _move(t_steps, k, frac):
-    """Point k moved by `frac` of the log-sigma gap to its upper (frac > 0) or lower neighbour."""
-    u = t_steps.log()
-    gap = (u[k - 1] - u[k]) if frac > 0 else (u[k] - u[k + 1])
-    u = u.clone()
-    u[k] = u[k] + frac * gap
-    out = u.exp()
-    out[0], out[-1] = t_steps[0], t_steps[-1]
+def _with_interior(t_steps, u):
+    """t_steps with its interior points at log sigma `u` (the end points unchanged)."""
+    out = t_steps.clone()
+    out[1:-1] = u.exp().to(t_steps.dtype)
     return out
 
 
-def refine_schedule(data, inits, solver, options, afs=False, budget=None, subset=None, min_frac=1 / 64,
-                    timing=None):
-    """Refine the best of `inits` ({name: t_steps}, equal lengths). The starts are compared on
-    the whole warm-up set. The pattern search runs on its first `subset` trajectories (global
-    index); the others validate: the result is kept only if it also beats the start on them by more
-    than one paired standard error, so neither part's objective, nor the whole warm-up objective,
-    ever rises. `budget`: the most
-    denoiser evaluations to spend, all processes and stages together (None: no limit). Returns
-    (t_steps, info)."""
+def _ordered(t_steps):
+    """Strictly decreasing, with at least MIN_GAP between neighbours in log sigma."""
+    return bool((t_steps[:-1].log() - t_steps[1:].log() >= MIN_GAP).all())
+
+
+def _normal_equations(data, t_steps, solver, options, afs, lo, hi):
+    """IRLS normal equations (A, g) of the residuals on trajectories [lo, hi) at t_steps, summed
+    over trajectories in global-index order (so independent of batches and processes); and the
+    evaluations spent on this rank. A = sum J_i^T J_i / |r_i|, g = sum J_i^T r_i / |r_i|, with
+    J_i the forward-difference Jacobian of r_i in the interior log sigmas."""
+    u = t_steps[1:-1].log().to(torch.float64)
+    gaps = torch.minimum(t_steps[:-2].log() - u, u - t_steps[2:].log()).to(torch.float64)
+    steps = FD_STEP * gaps
+    rows, evals = [], 0
+    for rnd, a, b in _slices(data, lo, hi):
+        tape = _Taping(rnd.denoise)
+        target = rnd.xs[-1, a:b].to(torch.float64).flatten(1)
+        base = _run(tape, rnd, a, b, t_steps, solver, options, afs).to(torch.float64).flatten(1)
+        evals += tape.evals
+        columns = []
+        for k in range(len(u)):
+            moved = u.clone()
+            moved[k] += steps[k]
+            replay = _Replay(rnd.denoise, tape.calls)
+            x = _run(replay, rnd, a, b, _with_interior(t_steps, moved), solver, options, afs)
+            evals += replay.evals
+            columns.append((x.to(torch.float64).flatten(1) - base) / steps[k])
+        jac = torch.stack(columns, dim=-1)                             # [rows, D, P]
+        res = base - target                                            # [rows, D]
+        weight = 1 / res.norm(dim=1).clamp_min(1e-30)
+        a_rows = torch.einsum('bdp,bdq->bpq', jac, jac) * weight[:, None, None]
+        g_rows = torch.einsum('bdp,bd->bp', jac, res) * weight[:, None]
+        rows.extend((rnd.first + a + m, torch.cat([a_rows[m].flatten(), g_rows[m]])) for m in range(b - a))
+    total = dist.gather_in_order(rows).sum(0)
+    p = len(u)
+    return total[:p * p].reshape(p, p), total[p * p:], evals
+
+
+def _lm_step(t_steps, A, g, damping):
+    """The Levenberg-Marquardt step from t_steps, shortened until the points stay ordered."""
+    u = t_steps[1:-1].log().to(torch.float64)
+    scale = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max().clamp_min(1e-30)))
+    delta = -torch.linalg.solve(A + damping * torch.diag(scale), g)
+    for _ in range(20):
+        trial = _with_interior(t_steps, u + delta)
+        if _ordered(trial):
+            return trial
+        delta = delta / 2
+    return None
+
+
+def check_verdict(start_errors, refined_errors):
+    """Keep a refinement only if its mean per-trajectory gain over the start on the check
+    trajectories exceeds one standard error of the paired difference: a gain within noise is more
+    likely overfitting than improvement. Returns (kept, gain, standard error)."""
+    diff = (start_errors - refined_errors).to(torch.float64)
+    se = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else math.inf
+    gain = float(diff.mean())
+    return gain > se, gain, se
+
+
+def refine_schedule(data, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=BATCH,
+                    max_steps=100):
+    """Refine the best of `inits` ({name: t_steps}, equal lengths): the starts are compared on the
+    warm-up trajectories with global index >= exclude (those no search fitted), then
+    Levenberg-Marquardt steps (see above) fit the first 3/4 of the warm-up set and the last 1/4
+    decides whether the result is kept. `budget`: the most denoiser evaluations to spend, all
+    processes and stages together (None: no limit); a step is only started if the budget also
+    affords the check. Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
     total = dist.sum_over_ranks(sum(r.size for r in data))
-    used = total if subset is None else max(1, min(int(subset), total))
-    held = total - used
-    nfe = solvers.count_nfe(solver, len(next(iter(inits.values()))), afs)
-    spent, trace = 0, []
+    fit = total - max(2, round(total * CHECK_FRACTION)) if total >= 4 else total
+    compared_from = exclude if exclude < fit else 0
+    points = len(next(iter(inits.values())))
+    nfe = solvers.count_nfe(solver, points, afs)
+    spent = 0
+
+    def affordable(evals):
+        return budget is None or spent + evals <= budget
 
     def errors(ts, lo, hi):
         nonlocal spent
@@ -240,67 +356,69 @@ def refine_schedule(data, inits, solver, options, afs=False, budget=None, subset
         spent += dist.sum_over_ranks(evals)
         return e
 
-    def affordable(n):
-        return budget is None or spent + nfe * n <= budget
-
-    starts, start, start_err = {}, None, None
+    start_errors = {}
     for name, ts in inits.items():
-        if not affordable(total):
+        if not affordable(nfe * total):
             break
-        e = errors(ts, 0, total)
-        starts[name] = float(e.mean())
-        if start is None or starts[name] < starts[start]:
-            start, start_err = name, e
-    if start is None:
+        start_errors[name] = errors(ts, 0, total)
+    if not start_errors:
         raise ValueError('--refine_budget: too small to evaluate even one starting schedule')
-    best_ts = start_ts = inits[start].clone()
-    best = float(start_err[:used].mean())
-    trace.append(best)
-    frac, direction = 0.5, {}
-    while frac >= min_frac and len(best_ts) > 2 and affordable(used + held):
-        gained = False
-        for k in range(1, len(best_ts) - 1):
-            for sign in (direction.get(k, 1), -direction.get(k, 1)):
-                if not affordable(used + held):
-                    break
-                trial = _move(best_ts, k, sign * frac)
-                if not bool((trial[1:] < trial[:-1]).all()):
-                    continue
-                value = float(errors(trial, 0, used).mean())
-                if value < best:
-                    best, best_ts, gained = value, trial, True
-                    direction[k] = sign
-                    trace.append(best)
-                    break
-        if not gained:
-            frac /= 2
-    final = starts[start]
-    if best_ts is not start_ts:
-        if held:
-            # Keep the search's result only if its gain carries over to the validation
-            # trajectories by more than one standard error of the paired per-trajectory
-            # difference: a gain within noise is more likely overfitting than improvement.
-            check_err = errors(best_ts, used, total)
-            diff = (check_err - start_err[used:]).to(torch.float64)
-            margin = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else 0.0
-            if float(diff.mean()) + margin < 0:
-                final = (best * used + float(check_err.mean()) * held) / total
-            else:                          # the gain does not carry over: keep the start
-                best_ts = start_ts
-        else:
-            final = best
+    objectives = {name: float(e[compared_from:].mean()) for name, e in start_errors.items()}
+    start = min(objectives, key=objectives.get)
+    t_steps = inits[start].clone()
+    value = float(start_errors[start][:fit].mean())
+    check_cost = nfe * (total - fit)
+    trace, damping, failures, cursor = [], 1e-2, 0, 0
+    while points > 2 and fit < total and len(trace) < max_steps and failures < 3:
+        lo = cursor % fit
+        hi = min(fit, lo + batch)
+        cursor = hi
+        if not affordable(nfe * (hi - lo) * (points - 1) + nfe * fit + check_cost):
+            break                        # a Jacobian and one trial step, keeping the check affordable
+        A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi)
+        spent += dist.sum_over_ranks(evals)
+        accepted = False
+        while affordable(nfe * fit + check_cost):
+            trial = _lm_step(t_steps, A, g, damping)
+            if trial is None:
+                damping *= 10
+                break
+            trial_value = float(errors(trial, 0, fit).mean())
+            if trial_value < value:
+                trace.append((value, trial_value))
+                t_steps, value, accepted = trial, trial_value, True
+                damping = max(damping / 3, 1e-6)
+                break
+            damping *= 10
+            if damping > 1e4:
+                break
+        failures = 0 if accepted else failures + 1
+        if not accepted and not affordable(nfe * fit + check_cost):
+            break
+    check, kept = None, False
+    if trace:
+        check_errors = errors(t_steps, fit, total)
+        kept, gain, se = check_verdict(start_errors[start][fit:], check_errors)
+        check = dict(size=total - fit, start=float(start_errors[start][fit:].mean()),
+                     refined=float(check_errors.mean()), gain=gain, se=se)
+    if not kept:
+        t_steps = inits[start].clone()
     timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
-    info = dict(start=start, start_objectives=starts, objective=final, trace=trace, evals=spent,
-                budget=budget, subset=used, moved=best_ts is not start_ts)
-    return best_ts, info
+    info = dict(start=start, start_objectives=objectives, steps=len(trace), trace=trace, check=check, kept=kept,
+                evals=spent, budget=budget, fit=fit, compared_from=compared_from)
+    return t_steps, info
 
 
-def refine_subset(budget, nfe, total, num_inits=5, target_evals=40, minimum=8):
-    """Warm-up trajectories for the pattern search: what the budget leaves after the starts and
-    the validation, spread over about `target_evals` objective evaluations (at least `minimum`,
-    at most half of them: the rest validate)."""
-    left = budget - (num_inits + 1) * nfe * total
-    return int(min(max(1, total // 2), max(minimum, left // (target_evals * max(nfe, 1)))))
+def refine_found(data, t_tea, found, points, solver, options, afs=False, budget=None, timing=None):
+    """Refine from the searched paths `found` ({name: indices into t_tea}, those of `points`
+    points) and the fixed schedules. The starts are compared on the trajectories the solver-aware
+    DP did not price (if it is among them). Returns (inits, t_steps, info)."""
+    inits = {name: t_tea[path].clone() for name, path in found.items() if len(path) == points}
+    for kind, rho in FIXED_SCHEDULES:
+        inits[kind] = solver_utils.get_schedule(points, float(t_tea[-1]), float(t_tea[0]), kind, rho)
+    exclude = STUDENT_SUBSET if 'student' in inits else 0
+    t_steps, info = refine_schedule(data, inits, solver, options, afs, budget, timing, exclude=exclude)
+    return inits, t_steps, info
 
 
 
@@ -312,7 +430,7 @@ SEARCH_MODES = ('gits', 'student')
 
 def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
                   solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False, solver=None,
-                  model=None, all_num_steps=None, search='gits', refine=False, refine_budget=4.0,
+                  model=None, all_num_steps=None, search='gits', refine=False, refine_budget=REFINE_BUDGET,
                   student_grid=21, compat=None, denoise_to_zero=False, **options):
     """gits.search_rounds with the solver-aware search and refinement. search='gits': the paper's
     Euler-step cost matrix and DP (with afs, plus its free step); 'student': the solver-aware DP
@@ -347,7 +465,7 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
     if search == 'student' or refine:
         student, student_evals = student_dp(data, t_tea, max(wanted) - 1 + extra, solver, options, afs, coeff,
                                             grid=student_grid, timing=timing)
-    schedules, chosen, refined, afs_evals = {}, {}, {}, 0
+    chosen, afs_evals = {}, 0
     for n in wanted:
         found = {}
         if n in gits_found:
@@ -360,26 +478,25 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
             found['gits'] = path
         if n + extra in student:
             found['student'] = student[n + extra]
-        mode_path = found.get(search)
-        t_steps = t_tea[mode_path].clone() if mode_path is not None else None
+        chosen[n] = found
+    afs_evals = dist.sum_over_ranks(afs_evals)
+    # The refinement gets what the budget leaves after the other searches, shared evenly.
+    budget = (int(refine_budget * total_teacher) - student_evals - afs_evals) // len(wanted)
+    schedules, refined = {}, {}
+    for n, found in chosen.items():
+        path = found.get(search)
+        t_steps = t_tea[path].clone() if path is not None else None
         if refine:
-            inits = {name: t_tea[p].clone() for name, p in found.items() if len(p) == n + extra}
-            for kind, rho in FIXED_SCHEDULES:
-                inits[kind] = solver_utils.get_schedule(n + extra, float(t_tea[-1]), float(t_tea[0]), kind, rho)
-            budget = int(refine_budget * total_teacher)
-            nfe = solvers.count_nfe(solver, n + extra, afs)
-            subset = refine_subset(budget, nfe, num_warmup, len(inits))
-            t_steps, refined[str(n)] = refine_schedule(data, inits, solver, options, afs, budget, subset,
-                                                       timing=timing)
+            _, t_steps, refined[str(n)] = refine_found(data, t_tea, found, n + extra, solver, options, afs, budget,
+                                                       timing)
         if t_steps is None:
             raise ValueError(f'--num_steps: no {search} schedule of {n} points on this teacher grid')
         schedules[n] = t_steps
-        chosen[n] = found
     info = dict(teacher_grid=[float(t) for t in t_tea],
                 indices={str(k): v.get(search) for k, v in chosen.items()},
                 paths={str(k): v for k, v in chosen.items()},
                 num_warmup=int(num_warmup), teacher_evals_this_rank=teacher_calls,
-                evals=dict(teacher=total_teacher, afs=dist.sum_over_ranks(afs_evals), student=student_evals,
+                evals=dict(teacher=total_teacher, afs=afs_evals, student=student_evals,
                            refine=sum(r['evals'] for r in refined.values())),
                 refined=refined, search=search, refine=bool(refine), metric=metric, coeff=coeff,
                 solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=teacher_options, compat=None,

@@ -4,7 +4,6 @@ refinement's monotonicity, budget and ordering, determinism, and the sample.py f
 
 import json
 import math
-import types
 
 import pytest
 import torch
@@ -106,38 +105,103 @@ class Counting:
         return self.denoise(x, sigma)
 
 
-@pytest.mark.parametrize('solver,subset', [('dpmpp', None), ('ipndm', 3)])
-def test_refinement_is_monotone_ordered_and_within_budget(digits, solver, subset):
-    lat = torch.randn(6, *digits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    t_tea = solver_utils.get_schedule(21, 0.002, 80)
+@pytest.fixture(scope='module')
+def refine_data(digits):
+    """32 warm-up trajectories in two rounds, through a denoiser that counts rows."""
     counter = Counting(digits.denoise)
-    data, _, teacher_evals = gits.run_teachers([(0, counter, lat)], t_tea)
-    counter.rows = 0
+    lat = torch.randn(32, *digits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    t_tea = solver_utils.get_schedule(21, 0.002, 80)
+    data, _, teacher_evals = gits.run_teachers([(0, counter, lat[:20]), (20, counter, lat[20:])], t_tea)
+    return data, counter, teacher_evals
+
+
+def fixed_inits(points):
+    return {kind: solver_utils.get_schedule(points, 0.002, 80, kind, rho)
+            for kind, rho in student_search.FIXED_SCHEDULES}
+
+
+@pytest.mark.parametrize('solver', ['ipndm', 'heun', 'unipc', 'deis'])
+def test_replayed_runs_equal_fresh_runs_and_skip_the_shared_prefix(teacher, digits, solver):
+    data, _ = teacher
+    rnd = data[0]
     options = solvers.resolve_options(solver, {})
-    inits = {kind: solver_utils.get_schedule(5, 0.002, 80, kind, rho) for kind, rho in student_search.FIXED_SCHEDULES}
+    ts = solver_utils.get_schedule(6, 0.002, 80)
+    tape = student_search._Taping(digits.denoise)
+    base = student_search._run(tape, rnd, 0, rnd.size, ts, solver, options, False)
+    assert torch.equal(base, student_search._run(digits.denoise, rnd, 0, rnd.size, ts, solver, options, False))
+    for k in range(1, 5):
+        moved = ts.clone()
+        moved[k] *= 1.01
+        fresh_counter = solver_utils.Recorder(digits.denoise)
+        fresh = student_search._run(fresh_counter, rnd, 0, rnd.size, moved, solver, options, False)
+        replay = student_search._Replay(digits.denoise, tape.calls)
+        assert torch.equal(student_search._run(replay, rnd, 0, rnd.size, moved, solver, options, False), fresh)
+        assert 0 < replay.evals < fresh_counter.evals
+        if solver == 'ipndm':        # one call per point but the last: those before t_k are replayed
+            assert replay.evals == (len(ts) - 1 - k) * rnd.size
+
+
+@pytest.mark.parametrize('solver,kept', [('dpmpp', False), ('ipndm', True)])
+def test_refinement_lowers_the_fit_objective_and_stays_ordered_within_budget(refine_data, solver, kept):
+    data, counter, teacher_evals = refine_data
+    options = solvers.resolve_options(solver, {})
+    inits = fixed_inits(5)
     budget = 4 * teacher_evals
-    ts, info = student_search.refine_schedule(data, inits, solver, options, budget=budget, subset=subset)
+    counter.rows = 0
+    ts, info = student_search.refine_schedule(data, inits, solver, options, budget=budget, batch=8)
     assert counter.rows == info['evals'] <= budget
-    assert info['moved']                         # both cases do improve
-    first = inits[info['start']]
-    assert len(ts) == 5 and float(ts[0]) == float(first[0]) and float(ts[-1]) == float(first[-1])
-    assert bool((ts[1:] < ts[:-1]).all())
-    start = min(info['start_objectives'].values())
+    errors = {k: student_search.warmup_errors(data, t, solver, options)[0] for k, t in inits.items()}
+    assert info['start_objectives'] == pytest.approx({k: float(e.mean()) for k, e in errors.items()}, rel=1e-12)
     assert info['start'] == min(info['start_objectives'], key=info['start_objectives'].get)
-    value, _ = student_search.warmup_objective(data, ts, solver, options)
-    assert value == pytest.approx(info['objective'], rel=1e-12)
-    assert value <= start
-    assert all(b < a for a, b in zip(info['trace'], info['trace'][1:]))     # the search part
-    if subset is not None and info['moved']:     # kept only if the validation part gains too
-        for lo, hi in ((0, subset), (subset, 6)):
-            mine = student_search.warmup_errors(data, ts, solver, options, lo=lo, hi=hi)[0].mean()
-            theirs = student_search.warmup_errors(data, first, solver, options, lo=lo, hi=hi)[0].mean()
-            assert mine < theirs
+    start, fit = inits[info['start']], info['fit']
+    assert fit == 24 and info['check']['size'] == 8
+    # Every accepted step lowers the objective on the whole fit part, and the steps chain.
+    trace = info['trace']
+    assert info['steps'] == len(trace) >= 3
+    assert trace[0][0] == pytest.approx(float(errors[info['start']][:fit].mean()), rel=1e-12)
+    assert all(after < before for before, after in trace)
+    assert all(a[1] == b[0] for a, b in zip(trace, trace[1:]))
+    check = info['check']
+    assert check['start'] == pytest.approx(float(errors[info['start']][fit:].mean()), rel=1e-12)
+    assert info['kept'] is kept is (check['gain'] > check['se'])
+    if kept:
+        fitted, _ = student_search.warmup_errors(data, ts, solver, options)
+        assert float(fitted[:fit].mean()) == pytest.approx(trace[-1][1], rel=1e-12)
+        assert float(fitted[fit:].mean()) == pytest.approx(check['refined'], rel=1e-12)
+        assert len(ts) == 5 and float(ts[0]) == float(start[0]) and float(ts[-1]) == float(start[-1])
+        assert bool((ts[1:] < ts[:-1]).all())
+    else:
+        assert torch.equal(ts, start)
     # A budget that affords only the starts leaves the best start as it is.
-    small = 3 * 4 * 6
-    ts2, info2 = student_search.refine_schedule(data, inits, solver, options, budget=small)
-    assert info2['evals'] <= small and not info2['moved']
+    small = 3 * 4 * 32
+    counter.rows = 0
+    ts2, info2 = student_search.refine_schedule(data, inits, solver, options, budget=small, batch=8)
+    assert counter.rows == info2['evals'] <= small and info2['steps'] == 0 and not info2['kept']
     assert torch.equal(ts2, inits[info2['start']])
+
+
+def test_refinement_returns_its_start_when_the_check_rejects(refine_data, monkeypatch):
+    data, _, _ = refine_data
+    options = solvers.resolve_options('ipndm', {})
+    inits = fixed_inits(5)
+    monkeypatch.setattr(student_search, 'check_verdict', lambda start, refined: (False, 0.0, 1.0))
+    ts, info = student_search.refine_schedule(data, inits, 'ipndm', options, budget=2000, batch=8)
+    assert info['steps'] > 0 and not info['kept']
+    assert torch.equal(ts, inits[info['start']])
+
+
+@pytest.mark.parametrize('gain,kept', [(0.001, False), (50.0, True)])
+def test_check_verdict_keeps_only_a_gain_beyond_noise(gain, kept):
+    """A real but tiny mean gain far inside the per-trajectory noise is rejected; one well beyond
+    it is kept."""
+    idx = torch.arange(64, dtype=torch.float64)
+    noise = torch.sin(1000 * idx)
+    start = 5 + torch.sin(idx)
+    refined = start - 0.01 * gain + 0.1 * (noise - noise.mean())
+    verdict, mean_gain, se = student_search.check_verdict(start, refined)
+    assert verdict is kept
+    assert mean_gain == pytest.approx(0.01 * gain, rel=1e-9)
+    assert se == pytest.approx(float((start - refined).std()) / 8, rel=1e-12)
 
 
 def test_student_refined_search_is_batch_invariant(digits):
@@ -160,7 +224,10 @@ def test_sample_flags_end_to_end(tmp_path):
     assert r.returncode == 0, r.stderr
     record = json.loads((tmp_path / 'a' / 'run.json').read_text())
     assert record['search']['search'] == 'student' and record['search']['refine']
-    assert record['search']['evals']['refine'] <= 4 * record['search']['evals']['teacher']
+    evals = record['search']['evals']
+    assert 0 < evals['refine'] <= 4 * evals['teacher'] - evals['student'] - evals['afs']
+    line = next(x for x in r.stdout.splitlines() if x.startswith('Refinement, num_steps 5: start '))
+    assert f'of {4 * evals["teacher"] - evals["student"] - evals["afs"]} evaluations' in line
     assert f'--t_steps={record["t_steps_text"]}' in r.stdout
     pasted = [a for a in common if not a.startswith('--num_steps')]     # the list is the whole schedule
     r2 = run_cli('sample.py', *pasted, f'--t_steps={record["t_steps_text"]}', f'--outdir={tmp_path / "b"}')
@@ -180,26 +247,3 @@ def test_bad_refine_flags(tmp_path, args, flag):
     r = run_cli('sample.py', '--dataset_name=digits', *args, f'--outdir={tmp_path / "o"}')
     assert_one_line_error(r, flag)
     assert not (tmp_path / 'o').exists()
-
-
-@pytest.mark.parametrize('validation_gain,kept', [(0.001, False), (50.0, True)])
-def test_refinement_kept_only_if_validation_gain_beats_noise(monkeypatch, validation_gain, kept):
-    """Synthetic errors: on the search half the error falls with the interior noise level, so the
-    search always moves it; on the validation half the error is zero-mean schedule-dependent
-    noise plus `validation_gain` times that level. A real but tiny gain, far inside the noise, must
-    be rejected (start kept); a gain well beyond it kept."""
-    def fake_errors(data, t_steps, solver, options, afs=False, lo=0, hi=None):
-        level = float(t_steps[1])
-        idx = torch.arange(32, 64, dtype=torch.float64)
-        noise = torch.sin(1000 * level + idx)
-        validation = validation_gain * level + noise - noise.mean()   # the mean gain is exactly real
-        every = torch.cat([torch.full([32], level, dtype=torch.float64), validation])
-        return every[lo:hi], 0
-
-    monkeypatch.setattr(student_search, 'warmup_errors', fake_errors)
-    data = [types.SimpleNamespace(size=64)]
-    start = torch.tensor([80.0, 10.0, 0.002], dtype=torch.float64)
-    ts, info = student_search.refine_schedule(data, {'start': start}, 'euler', {}, subset=32)
-    assert info['moved'] is kept
-    assert (float(ts[1]) < 10.0) is kept
-    assert torch.equal(ts, start) is (not kept)
