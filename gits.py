@@ -162,7 +162,7 @@ def _dev_terms(x, d, start, direction, work):
     t = x.shape[0]
     p, q, scratch = work[:t].unbind(1)
     both = work[:t, :2].flatten(1, 2)                                      # [T, 2(N-1), D]: p over q
-    p.copy_(x).sub_(start[:, None])
+    torch.sub(x, start[:, None], out=p)
     q.copy_(d)
     for k in range(t):                                                     # v -= (v.u) u
         both[k].addr_(torch.mv(both[k], direction[k]), direction[k], alpha=-1)
@@ -199,8 +199,10 @@ def _dev_costs(xs, ds, ts, chunk_elems=1 << 17):
     # The last point lies on the line by construction: its distance is 0.
     dev_teacher = torch.cat([dev_teacher, dev_teacher.new_zeros([b, 1])], dim=1)
     h = ts[None, :] - ts[:-1, None]                                        # [N-1, N]: t_j - t_i
-    dist = (m[:, :, None] + q_sq[:, :, None] * (h[None] + centre[:, :, None]).square()).sqrt()
-    return dist - dev_teacher[:, None, :]
+    # sqrt(m + |q|^2 (h + c)^2) - dev_teacher, in place in one [B, N-1, N] buffer.
+    out = torch.add(h[None], centre[:, :, None])
+    out.square_().mul_(q_sq[:, :, None]).add_(m[:, :, None]).sqrt_()
+    return out.sub_(dev_teacher[:, None, :])
 
 
 def _norm_costs(xs, ds, ts, metric, chunk_elems=1 << 18):
