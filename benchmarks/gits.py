@@ -1,21 +1,38 @@
-"""Benchmark of the schedule searches on the exact analytic models (issues 4 and 10).
+"""Benchmark of the schedule searches on the exact analytic models (issues 4, 10 and 16).
 
-    python benchmarks/gits.py                       # default: < 15 minutes on 2 CPU cores
-    python benchmarks/gits.py --num_warmup=256 --num_eval=256 --solvers=ipndm,unipc
+    python benchmarks/gits.py                       # default: about 15 minutes on 2 quiet CPU cores
+    python benchmarks/gits.py --datasets=gmm --solvers=ipndm,unipc --nfes=5,10 --num_eval=128
 
-For every solver and NFE on `gmm` and `digits`: the RMSE to `exact()` (the ODE solved to 1e-9) on
-held-out seeds, mean and standard error over seeds, of
-- fixed:    polynomial rho 7, logsnr, time_uniform rho 2, and the best of them on the held-out
-            error (an optimistic baseline: it is picked on the evaluation seeds themselves);
-- baseline: the seed README's schedule for the solver (ipndm*, euler, heun, dpm: polynomial;
-            dpmpp, unipc: logsnr; deis: time_uniform rho 2);
-- gits:     the paper's search (Euler-step 'dev' cost, DP with coeff 1.15; with afs its free step);
-- student:  the solver-aware DP (student_search.student_dp);
-- refined:  student_search.refine_schedule started from the best of gits/student/fixed on the warm-up set.
+Defaults: models digits, gmm and gmm_wavelet; all 8 solvers; NFE 5, 6, 8, 10; 256 warm-up seeds
+(the search's) and 512 held-out seeds (the measurement's); refinement budget 4 teacher runs.
+
+For every model, solver and NFE (a cell) it measures the RMSE to `exact()` (the ODE solved to
+1e-9) on the held-out seeds, mean and standard error over seeds, of
+- fixed:      polynomial rho 7, logsnr, time_uniform rho 2, and the best of them on the held-out
+              error (an optimistic baseline: it is picked on the evaluation seeds themselves);
+- baseline:   the seed README's schedule for the solver (ipndm*, euler, heun, dpm: polynomial;
+              dpmpp, unipc: logsnr; deis: time_uniform rho 2);
+- gits:       the paper's search (Euler-step 'dev' cost, DP with coeff 1.15; with afs its free step);
+- student:    the solver-aware DP (student_search.student_dp, run for this cell's length alone);
+- refined:    student_search.refine_found, started from gits, student and the fixed schedules,
+              with what sample.py would have left for this one run: refine_budget teacher runs
+              minus the solver-aware DP's and the afs free step's evaluations.
+
+Verdict ("never loses"): on the held-out seeds, refined against the best of the schedules that the
+refinement started from (lowest held-out mean, so again picked on the evaluation seeds), paired per
+seed: d = err_refined - err_best_start, diff = mean(d), se = std(d) / sqrt(n); LOSS if diff > se,
+else ok. A start that the budget left the refinement no evaluations to compare counts too (marked
+'not compared'). Per cell it also records whether the refinement was kept, rejected by its own
+check on the warm-up set, or took no step, and its evaluations against its budget. Quality (issue 16's table), per model and NFE: UniPC on the paper's GITS schedule (the
+peer) against UniPC refined and against the solver whose refined schedule is best, with ratios to
+the peer and paired standard errors of the differences; the summary asks for every best ratio
+<= 0.7.
+
 Warm-up seeds (from --warmup_seed) and evaluation seeds (from --eval_seed) are disjoint. The
 teacher run (and GITS's cost matrix) is shared by all solvers. NFE = count_nfe: one-evaluation
 solvers take NFE steps; Heun and DPM-Solver-2 take NFE/2 steps, or at odd NFE (NFE+1)/2 steps with
-afs (the first evaluation saved), in every schedule mode alike. Prints tables and writes JSON.
+afs (the first evaluation saved), in every schedule mode alike. Prints markdown tables, writes them
+to <out>.md and everything to <out> (JSON).
 """
 
 import json
@@ -43,18 +60,24 @@ BASELINE = dict(ipndm='polynomial', ipndm_v='polynomial', euler='polynomial', he
                 dpmpp='logsnr', unipc='logsnr', deis='time_uniform')
 FIXED = dict(student_search.FIXED_SCHEDULES)
 MODES = ('baseline', 'best_fixed', 'gits', 'student', 'refined')
+PEER = ('unipc', 'gits')           # issue 16's reference: UniPC on the paper's schedule
+TARGET_RATIO = 0.7                 # issue 16: the best refined solver must beat the peer by 30%
 
+
+# ----------------------------------------------------------------------------------------------
+# Measurement.
 
 def latents(model, seeds):
     return draw_seed_inputs(seeds, model.shape, 0)[0]
 
 
 def layout(solver, nfe):
-    """(points of the schedule, afs) that spend exactly `nfe` evaluations."""
+    """(points of the schedule, afs) that spend exactly `nfe` evaluations; None if none does."""
     per = solvers.SOLVER_SPECS[solver].evals_per_step
     afs = nfe % per != 0
     steps = (nfe + int(afs)) // per
-    assert solvers.count_nfe(solver, steps + 1, afs) == nfe
+    if steps < 1 or solvers.count_nfe(solver, steps + 1, afs) != nfe:
+        return None
     return steps + 1, afs
 
 
@@ -70,182 +93,338 @@ def stats(errors):
     return dict(mean=float(e.mean()), se=float(e.std() / math.sqrt(len(e))))
 
 
+def paired(a, b):
+    """Mean and standard error of the per-seed difference a - b: the seeds are shared, so this is
+    far tighter than comparing two means with their own standard errors."""
+    d = (a - b).to(torch.float64)
+    return dict(diff=float(d.mean()), se=float(d.std() / math.sqrt(len(d))))
+
+
+def verdict(diff):
+    # A loss must exceed one standard error: a smaller excess is within seed noise.
+    return 'LOSS' if diff['diff'] > diff['se'] else 'ok'
+
+
+def outcome(info):
+    """What the refinement did: its result kept, or rejected by the held-out check of the warm-up
+    set, or no step accepted at all (nothing to keep)."""
+    if info['kept']:
+        return 'kept'
+    return 'rejected' if info['steps'] > 0 else 'no step'
+
+
+# ----------------------------------------------------------------------------------------------
+# Searches of one cell.
+
+def gits_found(ctx, path, solver, options, afs):
+    """The paper's path for this cell, with afs its free step: (path, evaluations, seconds)."""
+    if not afs:
+        return path, 0, 0.0
+    t0 = time.perf_counter()
+    _, path, evals = gits.afs_free_step(ctx.data, ctx.t_tea, path, solver, options)
+    return path, evals, time.perf_counter() - t0
+
+
+def student_found(ctx, points, solver, options, afs):
+    """The solver-aware DP run for this cell's length alone, as sample.py runs it for one
+    num_steps, so that its evaluations are the ones the refinement budget must leave out:
+    (path or None, evaluations, seconds)."""
+    t0 = time.perf_counter()
+    paths, evals = student_search.student_dp(ctx.data, ctx.t_tea, points - 1, solver, options, afs, 1.15,
+                                             grid=ctx.opts.student_grid)
+    return paths.get(points), evals, time.perf_counter() - t0
+
+
+def run_cell(ctx, solver, nfe):
+    """Searches, refinement and held-out errors of one (solver, NFE). Returns (row for the JSON,
+    per-seed held-out errors {mode: [E]})."""
+    options = solvers.resolve_options(solver, {})
+    points, afs = layout(solver, nfe)
+    gits_path, afs_evals, afs_seconds = gits_found(ctx, ctx.gits_paths[points - int(afs)], solver, options, afs)
+    student_path, student_evals, student_seconds = student_found(ctx, points, solver, options, afs)
+    found = {k: p for k, p in (('gits', gits_path), ('student', student_path)) if p is not None and len(p) == points}
+
+    budget = int(ctx.opts.refine_budget * ctx.teacher_evals) - student_evals - afs_evals
+    t0 = time.perf_counter()
+    try:
+        inits, refined, info = student_search.refine_found(ctx.data, ctx.t_tea, found, points, solver, options, afs,
+                                                           budget, {})
+    except ValueError as e:
+        if not str(e).startswith('--refine_budget'):
+            raise
+        raise dnnlib.util.UserError(f'{e} ({solver}, NFE {nfe}: {budget} evaluations left)')
+    refine_seconds = time.perf_counter() - t0
+
+    # Every fixed schedule is measured even if the refinement could not afford to compare it; the
+    # starts themselves are the tensors refine_found started from.
+    smin, smax = float(ctx.t_tea[-1]), float(ctx.t_tea[0])
+    schedules = {kind: solver_utils.get_schedule(points, smin, smax, kind, rho) for kind, rho in FIXED.items()}
+    schedules.update(inits)
+    schedules['refined'] = refined
+    errors = {k: held_out(ctx.model, ctx.latents, ctx.ref, ts, solver, options, afs) for k, ts in schedules.items()}
+    best_fixed = min(FIXED, key=lambda k: float(errors[k].mean()))
+    errors['best_fixed'] = errors[best_fixed]
+    errors['baseline'] = errors[BASELINE[solver]]
+
+    # Against every start it was given, also one the budget left it no evaluations to compare
+    # (compared=False): a start it could not afford is still a schedule it failed to beat.
+    best_start = min(inits, key=lambda k: float(errors[k].mean()))
+    vs = dict(start=best_start, compared=best_start in info['start_objectives'],
+              **paired(errors['refined'], errors[best_start]))
+    vs['verdict'] = verdict(vs)
+    row = dict(points=points, afs=afs, best_fixed=best_fixed, rmse={k: stats(e) for k, e in errors.items()},
+               vs_best_start=vs, outcome=outcome(info), refine=info,
+               cost=dict(student_evals=student_evals, student_seconds=student_seconds, afs_evals=afs_evals,
+                         afs_seconds=afs_seconds, refine_evals=info['evals'], refine_budget=budget,
+                         refine_seconds=refine_seconds),
+               schedules={k: solver_utils.format_t_steps(v) for k, v in schedules.items()})
+    return row, errors
+
+
 def run_dataset(name, opts):
+    """All cells of one model, and its quality table. The per-seed errors stay in memory: the
+    quality table pairs them across solvers, and the JSON would be megabytes."""
     model = models.load(name)
     smin, smax = model.sigma_min, model.sigma_max
     warm = latents(model, range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
-    evals = latents(model, range(opts.eval_seed, opts.eval_seed + opts.num_eval))
+    ctx = dnnlib.EasyDict(model=model, opts=opts,
+                          latents=latents(model, range(opts.eval_seed, opts.eval_seed + opts.num_eval)))
     t0 = time.perf_counter()
-    ref = model.exact(evals * smax, smax, smin)
+    ctx.ref = model.exact(ctx.latents * smax, smax, smin)
     print(f'[{name}] exact reference for {opts.num_eval} seeds: {time.perf_counter() - t0:.1f}s', flush=True)
 
-    t_tea = solver_utils.get_schedule(opts.num_steps_tea, smin, smax, 'polynomial', 7.0)
+    ctx.t_tea = solver_utils.get_schedule(opts.num_steps_tea, smin, smax, 'polynomial', 7.0)
     timing = {}
     t0 = time.perf_counter()
-    data, _, teacher_evals = gits.run_teachers([(0, model.denoise, warm)], t_tea, opts.solver_tea)
+    ctx.data, _, ctx.teacher_evals = gits.run_teachers([(0, model.denoise, warm)], ctx.t_tea, opts.solver_tea)
     timing['teacher'] = time.perf_counter() - t0
-    teacher_err = stats(held_out(model, evals, ref, t_tea, opts.solver_tea, {}, False))
+    teacher_err = stats(held_out(model, ctx.latents, ctx.ref, ctx.t_tea, opts.solver_tea, {}, False))
     max_points = max(layout(s, n)[0] for s in opts.solver_list for n in opts.nfe_list)
-    gits_paths = gits.gits_paths(data, t_tea, list(range(2, max_points + 1)), 'dev', 1.15, timing)
-    out = dict(teacher=dict(evals=teacher_evals, seconds=timing['teacher'], rmse=teacher_err),
+    ctx.gits_paths = gits.gits_paths(ctx.data, ctx.t_tea, list(range(2, max_points + 1)), 'dev', 1.15, timing)
+    out = dict(teacher=dict(evals=ctx.teacher_evals, seconds=timing['teacher'], rmse=teacher_err),
                gits_search=dict(cost_seconds=timing['cost'], dp_seconds=timing['dp']), solvers={})
-    print(f'[{name}] teacher {opts.solver_tea} x{opts.num_steps_tea}: {teacher_evals} evaluations, '
+    print(f'[{name}] teacher {opts.solver_tea} x{opts.num_steps_tea}: {ctx.teacher_evals} evaluations, '
           f'{timing["teacher"]:.2f}s; its own RMSE {teacher_err["mean"]:.2e}; GITS cost matrix '
           f'{timing["cost"]:.2f}s, DP {timing["dp"]:.3f}s', flush=True)
 
+    per_seed = {}
     for solver in opts.solver_list:
-        options = solvers.resolve_options(solver, {})
-        configs = {n: layout(solver, n) for n in opts.nfe_list}
-        student = {}
-        for afs in sorted({a for _, a in configs.values()}):
-            steps = max(p for p, a in configs.values() if a == afs) - 1
-            tm = {}
-            paths, spent = student_search.student_dp(data, t_tea, steps, solver, options, afs, 1.15, grid=opts.student_grid, timing=tm)
-            student[afs] = (paths, spent, tm['student'])
         rows = {}
-        for nfe, (points, afs) in configs.items():
-            row = dict(points=points, afs=afs, schedules={}, rmse={}, cost={})
-            schedules = {kind: solver_utils.get_schedule(points, smin, smax, kind, rho) for kind, rho in FIXED.items()}
-            path = gits_paths[points - int(afs)]
-            if afs:
-                t1 = time.perf_counter()
-                sched, path, _ = gits.afs_free_step(data, t_tea, path, solver, options)
-                row['cost']['gits_afs_seconds'] = time.perf_counter() - t1
-            if len(path) == points:
-                schedules['gits'] = t_tea[path].clone()
-            paths, spent, secs = student[afs]
-            schedules['student'] = t_tea[paths[points]].clone()
-            row['cost']['student'] = dict(evals=spent, seconds=secs)
-            budget = int(opts.refine_budget * teacher_evals)
-            inits = {k: v for k, v in schedules.items()}
-            subset = student_search.refine_subset(budget, nfe, opts.num_warmup, len(inits))
-            tm = {}
-            schedules['refined'], info = student_search.refine_schedule(data, inits, solver, options, afs, budget, subset,
-                                                              timing=tm)
-            row['cost']['refine'] = dict(evals=info['evals'], seconds=tm['refine'], budget=budget, subset=subset,
-                                         start=info['start'], warmup_start=info['start_objectives'],
-                                         warmup_final=info['objective'])
-            errors = {k: held_out(model, evals, ref, ts, solver, options, afs) for k, ts in schedules.items()}
-            best_fixed = min(FIXED, key=lambda k: float(errors[k].mean()))
-            errors['best_fixed'] = errors[best_fixed]
-            errors['baseline'] = errors[BASELINE[solver]]
-            row['best_fixed'] = best_fixed
-            row['rmse'] = {k: stats(e) for k, e in errors.items()}
-            # Refined against the better of GITS and the best fixed schedule, paired per seed.
-            rival = min([k for k in ('gits', 'best_fixed') if k in errors], key=lambda k: float(errors[k].mean()))
-            diff = errors['refined'] - errors[rival]
-            row['refined_vs'] = dict(rival=rival, diff=float(diff.mean()), se=float(diff.std() / math.sqrt(len(diff))))
-            row['schedules'] = {k: solver_utils.format_t_steps(v) for k, v in schedules.items()}
-            rows[nfe] = row
-            r = row['rmse']
-            print(f'[{name}] {solver:8s} NFE {nfe:2d}: ' + '  '.join(
-                f'{k} {r[k]["mean"]:.4f}' for k in MODES if k in r) +
-                f'  (refined from {info["start"]}, {info["evals"]} evals)', flush=True)
+        for nfe in opts.nfe_list:
+            rows[nfe], per_seed[solver, nfe] = run_cell(ctx, solver, nfe)
+            r, vs = rows[nfe]['rmse'], rows[nfe]['vs_best_start']
+            print(f'[{name}] {solver:8s} NFE {nfe:2d}: ' + '  '.join(f'{k} {r[k]["mean"]:.4f}' for k in MODES if k in r) +
+                  f'  (from {rows[nfe]["refine"]["start"]}, {rows[nfe]["outcome"]}; vs {vs["start"]} '
+                  f'{vs["diff"]:+.2g} ({vs["se"]:.2g}) {vs["verdict"]})', flush=True)
         out['solvers'][solver] = rows
+    out['quality'] = quality(per_seed, opts.nfe_list)
     return out
 
 
-def table(name, res, nfe_list):
+# ----------------------------------------------------------------------------------------------
+# Issue 16's quality table and the summary.
+
+def against_peer(errors, peer):
+    """Held-out mean and SE of `errors`, with its ratio to the peer's mean and the paired SE of
+    the difference to the peer (None without a peer)."""
+    s = stats(errors)
+    if peer is None:
+        return dict(s, ratio=None, diff=None, diff_se=None)
+    d = paired(errors, peer)
+    return dict(s, ratio=s['mean'] / float(peer.to(torch.float64).mean()), diff=d['diff'], diff_se=d['se'])
+
+
+def quality(per_seed, nfe_list):
+    """Per NFE: the peer (UniPC + GITS), UniPC refined, and the solver with the best refined
+    schedule. The evaluation seeds are the same in every cell, so differences are paired."""
+    out = {}
+    for nfe in nfe_list:
+        peer = per_seed.get((PEER[0], nfe), {}).get(PEER[1])
+        refined = {s: e['refined'] for (s, n), e in per_seed.items() if n == nfe}
+        best = min(refined, key=lambda s: float(refined[s].mean()))
+        out[nfe] = dict(peer=stats(peer) if peer is not None else None,
+                        unipc_refined=against_peer(refined[PEER[0]], peer) if PEER[0] in refined else None,
+                        best_refined=dict(solver=best, **against_peer(refined[best], peer)))
+    return out
+
+
+def summarize(results):
+    cells = [(m, s, n, row) for m, res in results.items() for s, rows in res['solvers'].items()
+             for n, row in rows.items()]
+    losses = [dict(model=m, solver=s, nfe=n, **{k: vs[k] for k in ('start', 'compared', 'diff', 'se')})
+              for m, s, n, row in cells for vs in [row['vs_best_start']] if vs['verdict'] == 'LOSS']
+    outcomes = [row['outcome'] for *_, row in cells]
+    over = [dict(model=m, solver=s, nfe=n, evals=row['cost']['refine_evals'], budget=row['cost']['refine_budget'])
+            for m, s, n, row in cells if row['cost']['refine_evals'] > row['cost']['refine_budget']]
+
+    def worst(key):
+        ratios = [(q[key]['ratio'], m, n) for m, res in results.items() for n, q in res['quality'].items()
+                  if q[key] is not None and q[key]['ratio'] is not None]
+        if not ratios:
+            return None
+        r, m, n = max(ratios)
+        return dict(ratio=r, model=m, nfe=n)
+    best = worst('best_refined')
+    return dict(cells=len(cells), losses=len(losses), loss_cells=losses, kept=outcomes.count('kept'),
+                rejected=outcomes.count('rejected'), no_step=outcomes.count('no step'), over_budget=over,
+                worst_unipc_refined=worst('unipc_refined'), worst_best_refined=best, target_ratio=TARGET_RATIO,
+                all_best_within_target=None if best is None else best['ratio'] <= TARGET_RATIO)
+
+
+# ----------------------------------------------------------------------------------------------
+# Markdown.
+
+def start_name(vs):
+    return vs['start'] if vs['compared'] else f'{vs["start"]} (not compared)'
+
+
+def mean_se(s):
+    return f'{s["mean"]:.4g} +- {s["se"]:.2g}'
+
+
+def solver_table(name, res, nfe_list):
     lines = [f'### {name}: RMSE to exact (mean over held-out seeds; +- standard error)', '',
-             '| solver | NFE | baseline | best fixed | GITS DP | solver-aware DP | refined | refined - rival (SE) |',
-             '|---|---|---|---|---|---|---|---|']
+             '| solver | NFE | baseline | best fixed | GITS DP | solver-aware DP | refined | refinement | '
+             'refined - best start (SE) | verdict | evals / budget |',
+             '|---|---|---|---|---|---|---|---|---|---|---|']
     for solver, rows in res['solvers'].items():
         for nfe in nfe_list:
             row = rows[nfe]
-            r = row['rmse']
+            r, vs = row['rmse'], row['vs_best_start']
 
             def cell(k):
-                return f'{r[k]["mean"]:.4f}' if k in r else 'n/a'
-            rv = row['refined_vs']
+                return f'{r[k]["mean"]:.4g}' if k in r else 'n/a'
             afs = ' (afs)' if row['afs'] else ''
             lines.append(f'| {solver}{afs} | {nfe} | {cell("baseline")} | {cell("best_fixed")} ({row["best_fixed"]}) | '
-                         f'{cell("gits")} | {cell("student")} | {cell("refined")} +- {r["refined"]["se"]:.4f} | '
-                         f'{rv["diff"]:+.4f} ({rv["se"]:.4f}) vs {rv["rival"]} |')
+                         f'{cell("gits")} | {cell("student")} | {mean_se(r["refined"])} | '
+                         f'{row["outcome"]} (from {row["refine"]["start"]}, {row["refine"]["steps"]} steps) | '
+                         f'{vs["diff"]:+.2g} ({vs["se"]:.2g}) vs {start_name(vs)} | {vs["verdict"]} | '
+                         f'{row["cost"]["refine_evals"]} / {row["cost"]["refine_budget"]} |')
     return '\n'.join(lines)
 
 
 def cost_table(name, res, nfe_list):
     t = res['teacher']
-    lines = [f'### {name}: search cost', '',
+    lines = [f'### {name}: search cost (evaluations at NFE {", ".join(map(str, nfe_list))})', '',
              f'teacher: {t["evals"]} evaluations, {t["seconds"]:.2f}s; GITS cost matrix '
-             f'{res["gits_search"]["cost_seconds"]:.2f}s, DP {res["gits_search"]["dp_seconds"]:.3f}s (shared by all solvers)', '',
-             '| solver | solver-aware DP evals | seconds | refine evals (NFE ' + '/'.join(map(str, nfe_list)) +
-             ') | refine seconds |', '|---|---|---|---|---|']
+             f'{res["gits_search"]["cost_seconds"]:.2f}s, DP {res["gits_search"]["dp_seconds"]:.3f}s (shared by all solvers)',
+             '', '| solver | solver-aware DP evals | seconds | afs free-step evals | refine evals / budget | refine seconds |',
+             '|---|---|---|---|---|---|']
     for solver, rows in res['solvers'].items():
-        runs = {r['afs']: r['cost']['student'] for r in rows.values()}     # one DP per afs setting
-        spent = [c['evals'] for c in runs.values()]
-        secs = [c['seconds'] for c in runs.values()]
-        lines.append(f'| {solver} | {sum(spent)} | {sum(secs):.1f} | ' +
-                     '/'.join(str(rows[n]['cost']['refine']['evals']) for n in nfe_list) +
-                     f' | {sum(rows[n]["cost"]["refine"]["seconds"] for n in nfe_list):.1f} |')
+        c = [rows[n]['cost'] for n in nfe_list]
+
+        def each(fmt):
+            return ', '.join(fmt.format(**x) for x in c)
+        lines.append(f'| {solver} | {each("{student_evals}")} | {sum(x["student_seconds"] for x in c):.1f} | '
+                     f'{each("{afs_evals}")} | {each("{refine_evals}/{refine_budget}")} | '
+                     f'{sum(x["refine_seconds"] for x in c):.1f} |')
     return '\n'.join(lines)
 
 
-def best_recipes(results, nfe_targets=(5, 10)):
-    """Best (solver, mode) at each NFE against UniPC with the paper's DP schedule."""
-    out = {}
+def vs_peer(s):
+    if s is None:
+        return 'n/a'
+    if s['ratio'] is None:
+        return mean_se(s)
+    return f'{mean_se(s)} ({s["ratio"]:#.3g}; diff SE {s["diff_se"]:.2g})'
+
+
+def quality_table(name, res, nfe_list):
+    lines = [f'### {name}: quality against UniPC on the GITS schedule (ratio to it; paired SE of the difference)', '',
+             '| NFE | peer: UniPC + GITS | UniPC refined | best refined solver |', '|---|---|---|---|']
+    for nfe in nfe_list:
+        q = res['quality'][nfe]
+        peer = mean_se(q['peer']) if q['peer'] is not None else 'n/a'
+        best = q['best_refined']
+        lines.append(f'| {nfe} | {peer} | {vs_peer(q["unipc_refined"])} | {best["solver"]}: {vs_peer(best)} |')
+    return '\n'.join(lines)
+
+
+def summary_text(s):
+    def ratio(w):
+        return 'n/a' if w is None else f'{w["ratio"]:#.3g} ({w["model"]}, NFE {w["nfe"]})'
+    lines = ['### Summary', '',
+             f'- cells: {s["cells"]}; refinement kept {s["kept"]}, rejected {s["rejected"]}, no step {s["no_step"]}',
+             f'- refined loses to its best start (diff > SE): {s["losses"]} cells' +
+             ''.join(f'\n  - {c["model"]} / {c["solver"]} / NFE {c["nfe"]}: {c["diff"]:+.2g} ({c["se"]:.2g}) vs {start_name(c)}'
+                     for c in s['loss_cells']),
+             f'- refinement over its budget: {len(s["over_budget"])} cells',
+             f'- worst ratio to UniPC + GITS: UniPC refined {ratio(s["worst_unipc_refined"])}; '
+             f'best refined solver {ratio(s["worst_best_refined"])}',
+             f'- every best refined ratio <= {s["target_ratio"]}: {s["all_best_within_target"]}']
+    return '\n'.join(lines)
+
+
+def report(results, summary, nfe_list, total):
+    parts = []
     for name, res in results.items():
-        for nfe in nfe_targets:
-            cands = [(row['rmse'][m]['mean'], solver, m) for solver, rows in res['solvers'].items()
-                     if nfe in rows for row in [rows[nfe]] for m in ('best_fixed', 'gits', 'student', 'refined')
-                     if m in row['rmse']]
-            if not cands:
-                continue
-            best = min(cands)
-            unipc = res['solvers'].get('unipc', {}).get(nfe, {}).get('rmse', {}).get('gits')
-            ratio = best[0] / unipc['mean'] if unipc else None
-            out[f'{name}/nfe{nfe}'] = dict(rmse=best[0], solver=best[1], mode=best[2],
-                                           unipc_gits=unipc['mean'] if unipc else None, ratio=ratio)
-    return out
+        parts += [table(name, res, nfe_list) for table in (solver_table, cost_table, quality_table)]
+    parts += [summary_text(summary), f'Total {total:.0f}s']
+    return '\n\n'.join(parts) + '\n'
+
+
+# ----------------------------------------------------------------------------------------------
+
+def check_options(datasets, solver_names, nfes, opts):
+    """Every usage error as one UserError line, before any work."""
+    opts.dataset_list = [d for d in datasets.split(',') if d]
+    for d in opts.dataset_list:
+        if d not in models.ANALYTIC:
+            raise dnnlib.util.UserError(f'--datasets: "{d}" has no exact solution; '
+                                        f'choose from {", ".join(models.ANALYTIC)}')
+    opts.solver_list = [s for s in solver_names.split(',') if s]
+    for s in opts.solver_list:
+        if s not in solvers.SOLVERS:
+            raise dnnlib.util.UserError(f'--solvers: unknown solver "{s}"; choose from {", ".join(solvers.SOLVERS)}')
+    if not opts.dataset_list or not opts.solver_list:
+        raise dnnlib.util.UserError('--datasets, --solvers: give at least one')
+    try:
+        opts.nfe_list = sorted(set(misc.parse_int_list(nfes)))
+    except ValueError as e:
+        raise dnnlib.util.UserError(f'--nfes: {e}')
+    for s in opts.solver_list:
+        for n in opts.nfe_list:
+            if n < 2 or layout(s, n) is None:
+                raise dnnlib.util.UserError(f'--nfes: {s} cannot spend exactly {n} evaluations (NFE >= 2)')
+    if opts.warmup_seed < opts.eval_seed + opts.num_eval and opts.eval_seed < opts.warmup_seed + opts.num_warmup:
+        raise dnnlib.util.UserError('--warmup_seed: warm-up and evaluation seeds overlap')
 
 
 @click.command()
-@click.option('--datasets', default='gmm,digits', show_default=True)
+@click.option('--datasets', default='digits,gmm,gmm_wavelet', show_default=True)
 @click.option('--solvers', 'solver_names', default=','.join(ALL_SOLVERS), show_default=True)
-@click.option('--nfes', default='4,5,6,8,10', show_default=True)
-@click.option('--num_warmup', type=click.IntRange(min=1), default=128, show_default=True)
-@click.option('--num_eval', type=click.IntRange(min=2), default=64, show_default=True)
+@click.option('--nfes', default='5,6,8,10', show_default=True)
+@click.option('--num_warmup', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--num_eval', type=click.IntRange(min=2), default=512, show_default=True)
 @click.option('--warmup_seed', type=int, default=1_000_000_000, show_default=True)
 @click.option('--eval_seed', type=int, default=0, show_default=True)
 @click.option('--num_steps_tea', type=int, default=61, show_default=True)
 @click.option('--solver_tea', default='ipndm', show_default=True)
 @click.option('--student_grid', type=int, default=21, show_default=True, help='Candidate points of the solver-aware DP')
-@click.option('--refine_budget', type=float, default=4.0, show_default=True, help='Refinement evaluations / teacher evaluations')
+@click.option('--refine_budget', type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+              help='Refinement evaluations / teacher evaluations')
 @click.option('--threads', type=int, default=2, show_default=True)
 @click.option('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'gits.json'),
-              show_default=True)
+              show_default=True, help='JSON results; the markdown tables go next to it (.md)')
 def main(datasets, solver_names, nfes, **kw):
-    """Schedule searches on the exact analytic models: RMSE to exact() and search cost."""
+    """Schedule searches on the exact analytic models: RMSE to exact(), never-loses verdicts,
+    quality against UniPC + GITS, and search cost."""
     opts = dnnlib.EasyDict(kw)
+    check_options(datasets, solver_names, nfes, opts)
     torch.set_num_threads(opts.threads)
-    opts.solver_list = [s for s in solver_names.split(',') if s]
-    for s in opts.solver_list:
-        if s not in solvers.SOLVERS:
-            raise dnnlib.util.UserError(f'--solvers: unknown solver "{s}"; choose from {", ".join(solvers.SOLVERS)}')
-    opts.nfe_list = sorted(misc.parse_int_list(nfes))
-    if opts.warmup_seed < opts.eval_seed + opts.num_eval and opts.eval_seed < opts.warmup_seed + opts.num_warmup:
-        raise dnnlib.util.UserError('--warmup_seed: warm-up and evaluation seeds overlap')
     start = time.perf_counter()
-    results = {}
-    for name in datasets.split(','):
-        results[name] = run_dataset(name, opts)
-    recipes = best_recipes(results)
+    results = {name: run_dataset(name, opts) for name in opts.dataset_list}
+    summary = summarize(results)
     total = time.perf_counter() - start
-    for name, res in results.items():
-        print()
-        print(table(name, res, opts.nfe_list))
-        print()
-        print(cost_table(name, res, opts.nfe_list))
-    print()
-    print('### Best recipe vs UniPC on the GITS DP schedule')
-    for key, r in recipes.items():
-        ratio = f'{r["ratio"]:.3f}' if r['ratio'] is not None else 'n/a'
-        print(f'- {key}: {r["solver"]} / {r["mode"]}: {r["rmse"]:.4f}; UniPC+GITS {r["unipc_gits"]}; ratio {ratio}')
-    print(f'\nTotal {total:.0f}s')
-    record = dict(options={k: v for k, v in opts.items()}, results=results, best_recipes=recipes, seconds=total)
+    text = report(results, summary, opts.nfe_list, total)
+    print('\n' + text, end='')
+    record = dict(options={k: v for k, v in opts.items()}, results=results, summary=summary, seconds=total)
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     misc.atomic_write_json(opts.out, json.loads(json.dumps(record, default=str)))
-    print(f'Wrote {opts.out}')
+    md = os.path.splitext(opts.out)[0] + '.md'
+    md = md if md != opts.out else opts.out + '.md'          # --out=x.md must not lose the JSON
+    misc.atomic_write_bytes(md, text.encode())
+    print(f'Wrote {opts.out} and {md}')
 
 
 if __name__ == '__main__':
