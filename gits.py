@@ -162,7 +162,7 @@ def _dev_terms(x, d, start, direction, work):
     t = x.shape[0]
     p, q, scratch = work[:t].unbind(1)
     both = work[:t, :2].flatten(1, 2)                                      # [T, 2(N-1), D]: p over q
-    torch.sub(x, start[:, None], out=p)
+    p.copy_(x).sub_(start[:, None])                                        # (a mixed-dtype sub is slower)
     q.copy_(d)
     for k in range(t):                                                     # v -= (v.u) u
         both[k].addr_(torch.mv(both[k], direction[k]), direction[k], alpha=-1)

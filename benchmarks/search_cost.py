@@ -4,7 +4,7 @@
     python benchmarks/search_cost.py --datasets=gmm --repeats=5 --metric=l2
 
 The search of `sample.py --dp=True` at its defaults: --num_warmup 256 warm-up seeds (drawn by
-`gits.warmup_rounds`, in batches of --batch 64), an iPNDM teacher over 61 polynomial points, metric
+`run_schedule.warmup_rounds`, in batches of --batch 64), an iPNDM teacher over 61 polynomial points, metric
 dev, coeff 1.15. `gits.search_rounds` runs two stages for it, timed here one by one: the teacher
 run (`gits.run_teachers`) and the paper's search on its trajectories (`gits.gits_paths`: cost
 matrices, their average in warm-up order, DP). Reported per model, medians over --repeats runs in
@@ -15,7 +15,6 @@ more threads than idle cores, OpenMP's barriers make the wall time of small tens
 depend on the other load. Writes benchmarks/results/search_cost.json.
 """
 
-import json
 import os
 import statistics
 import sys
@@ -29,6 +28,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib                      # noqa: E402
 import gits                        # noqa: E402
 import models                      # noqa: E402
+import run_schedule                # noqa: E402
 import solver_utils                # noqa: E402
 import solvers                     # noqa: E402
 from torch_utils import misc       # noqa: E402
@@ -40,7 +40,7 @@ def clocks():
 
 def one_search(model, opts):
     """Wall and CPU seconds of the teacher and of the search on its trajectories, and the schedule."""
-    rounds = gits.warmup_rounds(model, opts, model.device)
+    rounds = run_schedule.warmup_rounds(model, opts, model.device)
     t_tea = solver_utils.get_schedule(opts.num_steps_tea, model.sigma_min, model.sigma_max, 'polynomial', 7.0)
     w0, c0 = clocks()
     data, _, _ = gits.run_teachers(rounds, t_tea, opts.solver_tea)
