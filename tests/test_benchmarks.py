@@ -1,0 +1,44 @@
+"""The benchmark scripts run end to end on tiny settings and write what the README quotes from
+(their full runs are long; this keeps them from rotting when the code under them changes)."""
+
+import json
+
+import pytest
+
+from helpers import run_cli
+
+
+def test_gits_benchmark_small_run(tmp_path):
+    out = tmp_path / 'gits.json'
+    r = run_cli('benchmarks/gits.py', '--datasets=digits', '--solvers=ipndm,unipc', '--nfes=5,6', '--num_warmup=48',
+                '--num_eval=16', '--num_steps_tea=21', '--threads=1', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    record = json.loads(out.read_text())
+    assert (tmp_path / 'gits.md').read_text().strip() in r.stdout
+    res = record['results']['digits']
+    for solver in ('ipndm', 'unipc'):
+        for nfe in ('5', '6'):
+            row = res['solvers'][solver][nfe]
+            assert row['cost']['refine_evals'] <= row['cost']['refine_budget']
+            vs = row['vs_best_start']
+            assert vs['verdict'] == ('LOSS' if vs['diff'] > vs['se'] else 'ok')
+            assert row['outcome'] in ('kept', 'rejected', 'no step')
+    for nfe in ('5', '6'):
+        q = res['quality'][nfe]
+        peer = res['solvers']['unipc'][nfe]['rmse']['gits']['mean']
+        assert q['peer']['mean'] == peer
+        assert q['unipc_refined']['ratio'] == pytest.approx(res['solvers']['unipc'][nfe]['rmse']['refined']['mean'] / peer)
+        best = min(res['solvers'], key=lambda s: res['solvers'][s][nfe]['rmse']['refined']['mean'])
+        assert q['best_refined']['solver'] == best
+    s = record['summary']
+    assert s['cells'] == 4 and s['losses'] == len(s['loss_cells'])
+    assert s['kept'] + s['rejected'] + s['no_step'] == 4
+
+
+def test_search_cost_benchmark_small_run(tmp_path):
+    out = tmp_path / 'cost.json'
+    r = run_cli('benchmarks/search_cost.py', '--datasets=digits', '--num_warmup=16', '--batch=8', '--num_steps_tea=21',
+                '--repeats=1', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    s = json.loads(out.read_text())['results']['digits']['seconds']
+    assert s['teacher'] > 0 and s['search'] == pytest.approx(s['cost'] + s['dp'], rel=0.05)
