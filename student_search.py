@@ -7,8 +7,10 @@ whatever solver will sample. Here:
   afs, its midpoint or corrector evaluations) against the teacher point (`price_step`,
   `student_dp`), with the same DP recursion;
 - refine=True then moves the interior points, in log sigma, to minimise the student's final-point
-  error against the teacher on the warm-up set, within a budget of denoiser evaluations
-  (`refine_schedule`), starting from the best of the GITS, solver-aware and fixed schedules.
+  error against the teacher on the warm-up set (Levenberg-Marquardt, kept only if a held-out part
+  of the warm-up set confirms the gain), within a budget of denoiser evaluations
+  (`refine_schedule`, `refine_found`), starting from the best of the GITS, solver-aware and fixed
+  schedules.
 
 Both reuse the paper's teacher runs (gits.TeacherRound). `search_rounds` and `search_schedule`
 take the paper's arguments plus search=, refine=, refine_budget= and student_grid=.
@@ -252,14 +254,6 @@ def warmup_errors(data, t_steps, solver, options, afs=False, lo=0, hi=None):
         evals += counter.evals
         rows.extend((rnd.first + a + m, e[m]) for m in range(b - a))
     return dist.gather_in_order(rows), evals
-
-
-def warmup_objective(data, t_steps, solver, options, afs=False, subset=None):
-    """Mean per-trajectory RMSE of the student's final point against the teacher's over the
-    warm-up trajectories with global index < subset (all: None). Returns (value, evaluations
-    on this rank)."""
-    errors, evals = warmup_errors(data, t_steps, solver, options, afs, 0, subset)
-    return float(errors.mean()), evals
 
 
 def _with_interior(t_steps, u):
