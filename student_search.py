@@ -356,7 +356,8 @@ def refine_schedule(data, inits, solver, options, afs=False, budget=None, timing
             break
         start_errors[name] = errors(ts, 0, total)
     if not start_errors:
-        raise ValueError('--refine_budget: too small to evaluate even one starting schedule')
+        raise ValueError(f'--refine_budget: {budget} evaluations cannot compare even one starting schedule '
+                         f'({nfe * total} needed); raise --refine_budget')
     objectives = {name: float(e[compared_from:].mean()) for name, e in start_errors.items()}
     start = min(objectives, key=objectives.get)
     t_steps = inits[start].clone()
@@ -474,8 +475,9 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
             found['student'] = student[n + extra]
         chosen[n] = found
     afs_evals = dist.sum_over_ranks(afs_evals)
-    # The refinement gets what the budget leaves after the other searches, shared evenly.
-    budget = (int(refine_budget * total_teacher) - student_evals - afs_evals) // len(wanted)
+    # The refinement's own evaluations, shared evenly by the schedules it refines (the searches
+    # before it are reported, not charged: the afs free step alone can cost most of a teacher run).
+    budget = int(refine_budget * total_teacher) // len(wanted)
     schedules, refined = {}, {}
     for n, found in chosen.items():
         path = found.get(search)

@@ -15,18 +15,19 @@ For every model, solver and NFE (a cell) it measures the RMSE to `exact()` (the 
 - gits:       the paper's search (Euler-step 'dev' cost, DP with coeff 1.15; with afs its free step);
 - student:    the solver-aware DP (student_search.student_dp, run for this cell's length alone);
 - refined:    student_search.refine_found, started from gits, student and the fixed schedules,
-              with what sample.py would have left for this one run: refine_budget teacher runs
-              minus the solver-aware DP's and the afs free step's evaluations.
+              with sample.py's budget for one num_steps: refine_budget teacher runs of its own
+              evaluations (the solver-aware DP's and the afs free step's are reported apart).
 
 Verdict ("never loses"): on the held-out seeds, refined against the best of the schedules that the
 refinement started from (lowest held-out mean, so again picked on the evaluation seeds), paired per
 seed: d = err_refined - err_best_start, diff = mean(d), se = std(d) / sqrt(n); LOSS if diff > se,
 else ok. A start that the budget left the refinement no evaluations to compare counts too (marked
 'not compared'). Per cell it also records whether the refinement was kept, rejected by its own
-check on the warm-up set, or took no step, and its evaluations against its budget. Quality (issue 16's table), per model and NFE: UniPC on the paper's GITS schedule (the
-peer) against UniPC refined and against the solver whose refined schedule is best, with ratios to
-the peer and paired standard errors of the differences; the summary asks for every best ratio
-<= 0.7.
+check on the warm-up set, or took no step, and its evaluations against its budget.
+
+Quality (issue 16's table), per model and NFE: UniPC on the paper's GITS schedule (the peer)
+against UniPC refined and against the solver whose refined schedule is best, with ratios to the
+peer and paired standard errors of the differences; the summary asks for every best ratio <= 0.7.
 
 Warm-up seeds (from --warmup_seed) and evaluation seeds (from --eval_seed) are disjoint. The
 teacher run (and GITS's cost matrix) is shared by all solvers. NFE = count_nfe: one-evaluation
@@ -127,7 +128,7 @@ def gits_found(ctx, path, solver, options, afs):
 
 def student_found(ctx, points, solver, options, afs):
     """The solver-aware DP run for this cell's length alone, as sample.py runs it for one
-    num_steps, so that its evaluations are the ones the refinement budget must leave out:
+    num_steps, so that its evaluations are the ones sample.py reports:
     (path or None, evaluations, seconds)."""
     t0 = time.perf_counter()
     paths, evals = student_search.student_dp(ctx.data, ctx.t_tea, points - 1, solver, options, afs, 1.15,
@@ -144,7 +145,7 @@ def run_cell(ctx, solver, nfe):
     student_path, student_evals, student_seconds = student_found(ctx, points, solver, options, afs)
     found = {k: p for k, p in (('gits', gits_path), ('student', student_path)) if p is not None and len(p) == points}
 
-    budget = int(ctx.opts.refine_budget * ctx.teacher_evals) - student_evals - afs_evals
+    budget = int(ctx.opts.refine_budget * ctx.teacher_evals)
     t0 = time.perf_counter()
     try:
         inits, refined, info = student_search.refine_found(ctx.data, ctx.t_tea, found, points, solver, options, afs,
