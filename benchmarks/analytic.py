@@ -1,6 +1,7 @@
 """Pieces shared by the benchmarks that measure solvers against the analytic models' exact ODE
-solutions (benchmarks/solvers.py, benchmarks/compat.py)."""
+solutions (benchmarks/solvers.py, benchmarks/compat.py, benchmarks/gits.py, benchmarks/presets.py)."""
 
+import math
 import os
 import time
 
@@ -29,6 +30,13 @@ def parse_models_and_seeds(model_names, seeds):
 def latents(model, seeds):
     """float64 latents at the model's sigma_max, drawn per seed as sample.py draws them."""
     return draw_seed_inputs(seeds, model.shape, 0)[0] * model.sigma_max
+
+
+def paired(a, b):
+    """Mean and standard error of the per-seed difference a - b: the seeds are shared, so this is
+    far tighter than comparing two means with their own standard errors."""
+    d = (a - b).to(torch.float64)
+    return dict(diff=float(d.mean()), se=float(d.std() / math.sqrt(len(d))))
 
 
 def num_points_for(solver, nfe, **count_options):

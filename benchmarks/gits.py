@@ -55,6 +55,7 @@ import solvers                     # noqa: E402
 import student_search             # noqa: E402
 from torch_utils import misc       # noqa: E402
 from torch_utils.seeds import draw_seed_inputs   # noqa: E402
+from analytic import paired   # noqa: E402
 
 ALL_SOLVERS = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'unipc')
 BASELINE = dict(ipndm='polynomial', ipndm_v='polynomial', euler='polynomial', heun='polynomial', dpm='polynomial',
@@ -92,13 +93,6 @@ def held_out(model, lat, ref, t_steps, solver, options, afs):
 def stats(errors):
     e = errors.to(torch.float64)
     return dict(mean=float(e.mean()), se=float(e.std() / math.sqrt(len(e))))
-
-
-def paired(a, b):
-    """Mean and standard error of the per-seed difference a - b: the seeds are shared, so this is
-    far tighter than comparing two means with their own standard errors."""
-    d = (a - b).to(torch.float64)
-    return dict(diff=float(d.mean()), se=float(d.std() / math.sqrt(len(d))))
 
 
 def verdict(diff):

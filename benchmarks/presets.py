@@ -16,7 +16,6 @@ seeds); for each schedule, the mean per-seed difference to gits_here and its pai
 error. Writes benchmarks/results/presets.json and prints a table.
 """
 
-import math
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ import schedule_presets            # noqa: E402
 import solver_utils                # noqa: E402
 import solvers                     # noqa: E402
 from torch_utils import misc       # noqa: E402
+from analytic import paired         # noqa: E402
 
 SIGMA_MAX, SIGMA_MIN = 14.61464119, 0.02916753      # the ends of every preset
 SCHEDULES = ('gits_here', 'gits_table', 'ays', 'polynomial')
@@ -59,11 +59,6 @@ def rmse_per_seed(model, lat, ref, t_steps, solver):
     with torch.no_grad():
         x = solvers.SOLVERS[solver](model.denoise, lat * float(t_steps[0]), t_steps, **options)
     return (x - ref).reshape(len(x), -1).square().mean(-1).sqrt()
-
-
-def paired(errors, base):
-    diff = (errors - base).to(torch.float64)
-    return dict(diff=float(diff.mean()), se=float(diff.std() / math.sqrt(len(diff))))
 
 
 def run_model(name, opts):

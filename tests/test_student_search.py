@@ -126,7 +126,7 @@ def test_replayed_runs_equal_fresh_runs_and_skip_the_shared_prefix(teacher, digi
     rnd = data[0]
     options = solvers.resolve_options(solver, {})
     ts = solver_utils.get_schedule(6, 0.002, 80)
-    tape = student_search._Taping(digits.denoise)
+    tape = solver_utils.Recorder(digits.denoise, keep=True)
     base = student_search._run(tape, rnd, 0, rnd.size, ts, solver, options, False)
     assert torch.equal(base, student_search._run(digits.denoise, rnd, 0, rnd.size, ts, solver, options, False))
     for k in range(1, 5):
@@ -134,7 +134,7 @@ def test_replayed_runs_equal_fresh_runs_and_skip_the_shared_prefix(teacher, digi
         moved[k] *= 1.01
         fresh_counter = solver_utils.Recorder(digits.denoise)
         fresh = student_search._run(fresh_counter, rnd, 0, rnd.size, moved, solver, options, False)
-        replay = student_search._Replay(digits.denoise, tape.calls)
+        replay = student_search._Replay(digits.denoise, tape)
         assert torch.equal(student_search._run(replay, rnd, 0, rnd.size, moved, solver, options, False), fresh)
         assert 0 < replay.evals < fresh_counter.evals
         if solver == 'ipndm':        # one call per point but the last: those before t_k are replayed
