@@ -26,6 +26,7 @@ import models                    # noqa: E402
 import solver_utils              # noqa: E402
 import solvers                   # noqa: E402
 from analytic import latents, num_points_for, parse_models_and_seeds, run_and_write   # noqa: E402
+from torch_utils import misc     # noqa: E402
 
 NFES = (3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20)
 SCHEDULES = {'polynomial': 7.0, 'logsnr': 7.0, 'time_uniform': 2.0}     # schedule -> rho

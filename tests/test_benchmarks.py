@@ -42,3 +42,22 @@ def test_search_cost_benchmark_small_run(tmp_path):
     assert r.returncode == 0, r.stderr
     s = json.loads(out.read_text())['results']['digits']['seconds']
     assert s['teacher'] > 0 and s['search'] == pytest.approx(s['cost'] + s['dp'], rel=0.05)
+
+
+def test_solvers_benchmark_small_run(tmp_path):
+    out = tmp_path / 'solvers.json'
+    r = run_cli('benchmarks/solvers.py', '--models=digits', '--seeds=0-1', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    rmse = json.loads(out.read_text())['models']['digits']['rmse']
+    assert rmse['ipndm/polynomial'] and all(v is None or v >= 0 for v in rmse['ipndm/polynomial'])
+
+
+def test_presets_benchmark_small_run(tmp_path):
+    out = tmp_path / 'presets.json'
+    r = run_cli('benchmarks/presets.py', '--models=digits', '--solvers=ipndm', '--nfe=5', '--num_warmup=8',
+                '--num_eval=4', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    row = json.loads(out.read_text())['results']['digits']['rows']['5']['solvers']['ipndm']
+    assert row['gits_here']['diff'] == 0 and row['gits_here']['se'] == 0      # the reference against itself
+    for name, cell in row.items():
+        assert cell['diff'] == pytest.approx(cell['rmse'] - row['gits_here']['rmse'], abs=1e-12), name
