@@ -133,7 +133,8 @@ def validate_options(opts):
     budget = opts.get('refine_budget')
     if budget is not None and not (math.isfinite(budget) and budget > 0):
         raise UserError(f'--refine_budget: must be a positive multiple of the teacher\'s evaluations (got {budget})')
-    warm = range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup)
+    drawn = opts.num_warmup * (1 + (student_search.CHECK_PER_WARMUP if opts.get('refine') else 0))
+    warm = range(opts.warmup_seed, opts.warmup_seed + drawn)        # with --refine, also its check seeds
     if opts.save_schedules is None and any(s in warm for s in opts.seed_list):
         raise UserError(f'--warmup_seed: warm-up seeds {warm.start}-{warm.stop - 1} overlap --seeds; '
                         'pick a --warmup_seed outside the sampled seeds')
@@ -147,20 +148,31 @@ def validate_options(opts):
             raise UserError(f'--save_num_steps: values must lie in 2..--num_steps_tea ({opts.num_steps_tea})')
 
 
-def warmup_rounds(model, opts, device):
-    """This rank's warm-up rounds: seeds warmup_seed + i, split across ranks like sampling."""
-    seeds = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
+def warmup_rounds(model, opts, device, skip=0, count=None):
+    """This rank's warm-up rounds: seeds warmup_seed + skip + i for i < count (default
+    num_warmup), split across ranks like sampling, indexed from 0. The refinement's check set is
+    the num_warmup * CHECK_PER_WARMUP seeds after the warm-up ones."""
+    base = opts.warmup_seed + skip
+    seeds = list(range(base, base + (opts.num_warmup if count is None else count)))
     rank, world = dist.get_rank(), dist.get_world_size()
     rounds = []
     for batch in split_batches(seeds, opts.batch, world)[rank::world]:
         if batch:
             noise, denoise = seed_batch(model, batch, device, class_idx=opts.class_idx, warmup=True)
-            rounds.append((batch[0] - opts.warmup_seed, denoise, noise))
+            rounds.append((batch[0] - base, denoise, noise))
     return rounds
 
 
+def check_rounds(model, opts, device):
+    """This rank's rounds of the refinement's check set (none without --refine)."""
+    if not opts.get('refine'):
+        return []
+    return warmup_rounds(model, opts, device, skip=opts.num_warmup,
+                         count=opts.num_warmup * student_search.CHECK_PER_WARMUP)
+
+
 STAGE_NAMES = dict(teacher='teacher', cost='cost matrix', dp='DP', afs='afs free step', student='solver-aware DP',
-                   refine='refinement')
+                   check='check-set teacher', refine='refinement')
 
 
 def search_for_sampling(model, opts, sigma_min, sigma_max, device):
@@ -168,7 +180,8 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     all_steps = opts.save_num_steps_list if opts.save_schedules else [opts.num_steps]
     try:
         schedules, info = student_search.search_rounds(
-            warmup_rounds(model, opts, device), num_steps=opts.num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+            warmup_rounds(model, opts, device), check_rounds=check_rounds(model, opts, device),
+            num_steps=opts.num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
             schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
             num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
             solver=opts.solver, model=model, all_num_steps=all_steps, search=opts.get('search') or 'gits',
@@ -190,8 +203,11 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
 
 def refinement_line(num_steps, r):
     """What the refinement did for one num_steps, in one line."""
-    head = (f'Refinement, num_steps {num_steps}: start {r["start"]} '
-            f'(warm-up RMSE {r["start_objectives"][r["start"]]:.4g})')
+    finals = r.get('finalists') or {}
+    where, value = ('warm-up + check', finals[r['start']]) if r['start'] in finals else \
+        ('warm-up', r['start_objectives'][r['start']])
+    head = (f'Refinement, num_steps {num_steps}: start {r["start"]} ({where} RMSE {value:.4g}, '
+            f'best of {len(r["start_objectives"])} starts)')
     spent = f'{r["evals"]} of {r["budget"]} evaluations' if r['budget'] is not None else f'{r["evals"]} evaluations'
     if not r['steps']:
         return f'{head}, no step lowered the fit objective: start kept; {spent}'

@@ -466,7 +466,7 @@ def list_presets(ctx, _param, value):
 @click.option('--schedule_file', type=str, default=None, help='Sample with the schedule for --num_steps from a file written by --save_schedules')
 @click.option('--search', type=click.Choice(['gits', 'student']), default=None, help='GITS cost: gits (one Euler step, the paper) or student (the student solver\'s own step) [default: gits]')
 @click.option('--refine', type=BOOL, default=False, help='GITS: refine the searched schedule on the warm-up set (student\'s final-point error)')
-@click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 4]')
+@click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 6]')
 def main(**kwargs):
     """Sample images from a diffusion model with a fast ODE solver."""
     run(dnnlib.EasyDict(kwargs), dnnlib.util.explicit_flags(click.get_current_context()))

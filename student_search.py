@@ -182,14 +182,20 @@ def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, g
 # mini-batch of trajectories (a perturbed run replays the base run's calls up to the moved point,
 # so point k costs only the evaluations after it); each proposed step is then accepted only if it
 # lowers the objective over the whole fit part, so that objective never rises and a mini-batch
-# cannot overfit the step. The warm-up set is split by global index: the first 3/4 fit, the last
-# 1/4 check. The refined schedule is kept only if its gain over its start on the check part
-# exceeds one paired standard error; otherwise the start is returned. The start is the best of
-# the given schedules (GITS, solver-aware DP, fixed ones) on the warm-up trajectories that no
-# search has fitted (the solver-aware DP prices its steps on the first STUDENT_SUBSET).
+# cannot overfit the step. The whole warm-up set is fitted; the check is a second set of
+# trajectories that no search and no step has seen (sample.py draws CHECK_PER_WARMUP of them per
+# warm-up seed, from the seeds after the warm-up ones; their teacher runs are paid from the
+# refinement's budget). The refined schedule is kept only if its gain over its start on the check
+# set exceeds one paired standard error; otherwise the start is returned. A check as large as
+# the warm-up set halves that standard error against a quarter of the warm-up set (the split an
+# earlier version used, which rejected gains that 512 held-out seeds confirmed: the errors are
+# heavy-tailed, a few seeds carry the mean). The start is the best of the given schedules (GITS,
+# solver-aware DP, fixed ones) on the warm-up trajectories that no search has fitted (the
+# solver-aware DP prices its steps on the first STUDENT_SUBSET).
 
-REFINE_BUDGET = 4.0       # default evaluations for the refinement, in multiples of the teacher's
-CHECK_FRACTION = 0.25     # the last quarter of the warm-up set decides whether a refinement is kept
+REFINE_BUDGET = 6.0       # default evaluations for the refinement, in multiples of the teacher's (one pays the check set)
+CHECK_PER_WARMUP = 1      # check trajectories (teacher runs of fresh seeds) per warm-up trajectory
+CHECK_FRACTION = 0.25     # search_schedule(latents): the share of the given latents held out as the check
 BATCH = 64                # trajectories per Jacobian
 FD_STEP = 0.01            # finite-difference step, a fraction of the point's smaller log-sigma gap
 MIN_GAP = 1e-3            # smallest log-sigma gap between neighbouring points after a step
@@ -308,19 +314,32 @@ def check_verdict(start_errors, refined_errors):
     return gain > se, gain, se
 
 
-def refine_schedule(data, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=BATCH,
+def finalists(errors, width=2.0):
+    """The names among {name: per-trajectory errors} (the same trajectories) whose mean is within
+    `width` paired standard errors of the lowest mean, best first."""
+    best = min(errors, key=lambda k: float(errors[k].mean()))
+    out = []
+    for name, e in errors.items():
+        diff = (e - errors[best]).to(torch.float64)
+        se = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else math.inf
+        if float(diff.mean()) <= width * se:
+            out.append(name)
+    return sorted(out, key=lambda k: float(errors[k].mean()))
+
+
+def refine_schedule(data, check, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=BATCH,
                     max_steps=100):
     """Refine the best of `inits` ({name: t_steps}, equal lengths): the starts are compared on the
-    warm-up trajectories with global index >= exclude (those no search fitted), then
-    Levenberg-Marquardt steps (see above) fit the first 3/4 of the warm-up set and the last 1/4
-    decides whether the result is kept. `budget`: the most denoiser evaluations to spend, all
-    processes and stages together (None: no limit); a step is only started if the budget also
-    affords the check. Returns (t_steps, info)."""
+    warm-up trajectories `data` with global index >= exclude (those no search fitted) together with
+    the teacher rounds `check`, then Levenberg-Marquardt steps (see above) fit all of `data`, and
+    `check` (trajectories no step has seen) decides whether the result is kept. `budget`: the most denoiser
+    evaluations to spend, all processes and stages together (None: no limit); a step is only
+    started if the budget also affords the check. Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
     total = dist.sum_over_ranks(sum(r.size for r in data))
-    fit = total - max(2, round(total * CHECK_FRACTION)) if total >= 4 else total
-    compared_from = exclude if exclude < fit else 0
+    check_size = dist.sum_over_ranks(sum(r.size for r in check))
+    compared_from = exclude if exclude < total else 0
     points = len(next(iter(inits.values())))
     nfe = solvers.count_nfe(solver, points, afs)
     spent = 0
@@ -328,9 +347,9 @@ def refine_schedule(data, inits, solver, options, afs=False, budget=None, timing
     def affordable(evals):
         return budget is None or spent + evals <= budget
 
-    def errors(ts, lo, hi):
+    def errors(ts, rounds, lo=0, hi=None):
         nonlocal spent
-        e, evals = warmup_errors(data, ts, solver, options, afs, lo, hi)
+        e, evals = warmup_errors(rounds, ts, solver, options, afs, lo, hi)
         spent += dist.sum_over_ranks(evals)
         return e
 
@@ -338,31 +357,38 @@ def refine_schedule(data, inits, solver, options, afs=False, budget=None, timing
     for name, ts in inits.items():
         if not affordable(nfe * total):
             break
-        start_errors[name] = errors(ts, 0, total)
+        start_errors[name] = errors(ts, data)
     if not start_errors:
         raise ValueError(f'--refine_budget: {budget} evaluations cannot compare even one starting schedule '
                          f'({nfe * total} needed); raise --refine_budget')
     objectives = {name: float(e[compared_from:].mean()) for name, e in start_errors.items()}
-    start = min(objectives, key=objectives.get)
+    # The starts within noise of the best are compared again with the check set's trajectories too.
+    start_check, finals = {}, {}
+    for name in finalists({name: e[compared_from:] for name, e in start_errors.items()}):
+        if not affordable(nfe * check_size):
+            break
+        start_check[name] = errors(inits[name], check)
+        finals[name] = float(torch.cat([start_errors[name][compared_from:], start_check[name]]).mean())
+    start = min(finals or objectives, key=(finals or objectives).get)
     t_steps = inits[start].clone()
-    value = float(start_errors[start][:fit].mean())
-    check_cost = nfe * (total - fit)
+    value = float(start_errors[start].mean())
+    check_cost = nfe * check_size * (1 + int(start not in start_check))     # the result (and start) on the check set
     trace, damping, failures, cursor = [], 1e-2, 0, 0
-    while points > 2 and fit < total and len(trace) < max_steps and failures < 3:
-        lo = cursor % fit
-        hi = min(fit, lo + batch)
+    while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
+        lo = cursor % total
+        hi = min(total, lo + batch)
         cursor = hi
-        if not affordable(nfe * (hi - lo) * (points - 1) + nfe * fit + check_cost):
+        if not affordable(nfe * (hi - lo) * (points - 1) + nfe * total + check_cost):
             break                        # a Jacobian and one trial step, keeping the check affordable
         A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi)
         spent += dist.sum_over_ranks(evals)
         accepted = False
-        while affordable(nfe * fit + check_cost):
+        while affordable(nfe * total + check_cost):
             trial = _lm_step(t_steps, A, g, damping)
             if trial is None:
                 damping *= 10
                 break
-            trial_value = float(errors(trial, 0, fit).mean())
+            trial_value = float(errors(trial, data).mean())
             if trial_value < value:
                 trace.append((value, trial_value))
                 t_steps, value, accepted = trial, trial_value, True
@@ -372,21 +398,23 @@ def refine_schedule(data, inits, solver, options, afs=False, budget=None, timing
             if damping > 1e4:
                 break
         failures = 0 if accepted else failures + 1
-    check, kept = None, False
+    verdict, kept = None, False
     if trace:
-        check_errors = errors(t_steps, fit, total)
-        kept, gain, se = check_verdict(start_errors[start][fit:], check_errors)
-        check = dict(size=total - fit, start=float(start_errors[start][fit:].mean()),
-                     refined=float(check_errors.mean()), gain=gain, se=se)
+        if start not in start_check:
+            start_check[start] = errors(inits[start], check)
+        refined_check = errors(t_steps, check)
+        kept, gain, se = check_verdict(start_check[start], refined_check)
+        verdict = dict(size=check_size, start=float(start_check[start].mean()), refined=float(refined_check.mean()),
+                       gain=gain, se=se)
     if not kept:
         t_steps = inits[start].clone()
     timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
-    info = dict(start=start, start_objectives=objectives, steps=len(trace), trace=trace, check=check, kept=kept,
-                evals=spent, budget=budget, fit=fit, compared_from=compared_from)
+    info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace, check=verdict, kept=kept,
+                evals=spent, budget=budget, fit=total, compared_from=compared_from)
     return t_steps, info
 
 
-def refine_found(data, t_tea, found, points, solver, options, afs=False, budget=None, timing=None):
+def refine_found(data, check, t_tea, found, points, solver, options, afs=False, budget=None, timing=None):
     """Refine from the searched paths `found` ({name: indices into t_tea}, those of `points`
     points) and the fixed schedules. The starts are compared on the trajectories the solver-aware
     DP did not price (if it is among them). Returns (inits, t_steps, info)."""
@@ -394,7 +422,7 @@ def refine_found(data, t_tea, found, points, solver, options, afs=False, budget=
     for kind, rho in FIXED_SCHEDULES:
         inits[kind] = solver_utils.get_schedule(points, float(t_tea[-1]), float(t_tea[0]), kind, rho)
     exclude = STUDENT_SUBSET if 'student' in inits else 0
-    t_steps, info = refine_schedule(data, inits, solver, options, afs, budget, timing, exclude=exclude)
+    t_steps, info = refine_schedule(data, check, inits, solver, options, afs, budget, timing, exclude=exclude)
     return inits, t_steps, info
 
 
@@ -405,7 +433,23 @@ def refine_found(data, t_tea, found, points, solver, options, afs=False, budget=
 SEARCH_MODES = ('gits', 'student')
 
 
-def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
+def refinement_check(check_rounds, t_tea, solver_tea, teacher_options, teacher_evals, num_warmup, budget, timing):
+    """The teacher runs of the refinement's check set, and their evaluations (all processes),
+    refused before they start if they would not leave the refinement any of its `budget`."""
+    num_check = dist.sum_over_ranks(sum(len(noise) for _, _, noise in check_rounds))
+    if num_check == 0:
+        raise ValueError('--refine: the refinement needs check trajectories besides the warm-up ones')
+    needed = teacher_evals * num_check // max(1, num_warmup)     # the teacher's evaluations are per trajectory
+    if needed >= budget:
+        raise ValueError(f'--refine_budget: {budget} evaluations do not cover the teacher runs of the '
+                         f'refinement\'s {num_check} check trajectories ({needed}); raise --refine_budget')
+    t0 = time.perf_counter()
+    check, _, evals = gits.run_teachers(check_rounds, t_tea, solver_tea, **teacher_options)
+    timing['check'] = timing.get('check', 0.0) + time.perf_counter() - t0
+    return check, dist.sum_over_ranks(evals)
+
+
+def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
                   solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False, solver=None,
                   model=None, all_num_steps=None, search='gits', refine=False, refine_budget=REFINE_BUDGET,
                   student_grid=21, compat=None, denoise_to_zero=False, **options):
@@ -413,8 +457,10 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
     Euler-step cost matrix and DP (with afs, plus its free step); 'student': the solver-aware DP
     (with afs, the first step's afs is priced, and the path has one more step at the same NFE).
     refine: then refine the best of GITS, solver-aware and fixed schedules on the warm-up set
-    with at most refine_budget times the teacher's evaluations. Returns ({num_steps: t_steps},
-    info). compat and denoise_to_zero go to gits.search_rounds (compat is the paper's search only)."""
+    with at most refine_budget times the teacher's evaluations, and keep each result only if the
+    teacher runs of `check_rounds` (this rank's (first, denoise, noise) of the check seeds, indexed
+    from 0) confirm it; their teacher evaluations come out of that budget. Returns
+    ({num_steps: t_steps}, info). compat and denoise_to_zero go to gits.search_rounds (compat is the paper's search only)."""
     if search not in SEARCH_MODES:
         raise ValueError(f'--search: unknown mode "{search}"; choose one of {", ".join(SEARCH_MODES)}')
     paper = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type,
@@ -430,13 +476,22 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
     t_tea = gits.teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted)
     solver = solver or 'ipndm'
     options, teacher_options = gits.search_options(solver, solver_tea, options, num_steps_tea=num_steps_tea)
-    timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0, student=0.0, refine=0.0)
+    timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0, student=0.0, check=0.0, refine=0.0)
     t0 = time.perf_counter()
     data, teacher_calls, teacher_evals = gits.run_teachers(rounds, t_tea, solver_tea, **teacher_options)
     timing['teacher'] = time.perf_counter() - t0
     total_teacher = dist.sum_over_ranks(teacher_evals)
     num_warmup = dist.sum_over_ranks(sum(r.size for r in data))
     extra = int(bool(afs))        # with afs every search returns one more point at the same NFE
+    budget, check, check_evals = None, [], 0
+    if refine:
+        budget = int(refine_budget * total_teacher)
+        check, check_evals = refinement_check(check_rounds, t_tea, solver_tea, teacher_options, total_teacher,
+                                              num_warmup, budget, timing)
+        # The rest of the refinement's evaluations, shared evenly by the schedules it refines (the
+        # searches before it are reported, not charged: the afs free step alone can cost most of a
+        # teacher run).
+        budget = (budget - check_evals) // len(wanted)
     gits_found = gits.gits_paths(data, t_tea, wanted, metric, coeff, timing) if refine or search == 'gits' else {}
     student, student_evals = ({}, 0)
     if search == 'student' or refine:
@@ -457,16 +512,13 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
             found['student'] = student[n + extra]
         chosen[n] = found
     afs_evals = dist.sum_over_ranks(afs_evals)
-    # The refinement's own evaluations, shared evenly by the schedules it refines (the searches
-    # before it are reported, not charged: the afs free step alone can cost most of a teacher run).
-    budget = int(refine_budget * total_teacher) // len(wanted)
     schedules, refined = {}, {}
     for n, found in chosen.items():
         path = found.get(search)
         t_steps = t_tea[path].clone() if path is not None else None
         if refine:
-            _, t_steps, refined[str(n)] = refine_found(data, t_tea, found, n + extra, solver, options, afs, budget,
-                                                       timing)
+            _, t_steps, refined[str(n)] = refine_found(data, check, t_tea, found, n + extra, solver, options, afs,
+                                                       budget, timing)
         if t_steps is None:
             raise ValueError(f'--num_steps: no {search} schedule of {n} points on this teacher grid')
         schedules[n] = t_steps
@@ -474,8 +526,9 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
                 indices={str(k): v.get(search) for k, v in chosen.items()},
                 paths={str(k): v for k, v in chosen.items()},
                 num_warmup=int(num_warmup), teacher_evals_this_rank=teacher_calls,
-                evals=dict(teacher=total_teacher, afs=afs_evals, student=student_evals,
+                evals=dict(teacher=total_teacher, afs=afs_evals, student=student_evals, check=check_evals,
                            refine=sum(r['evals'] for r in refined.values())),
+                num_check=dist.sum_over_ranks(sum(r.size for r in check)),
                 refined=refined, search=search, refine=bool(refine), metric=metric, coeff=coeff,
                 solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=teacher_options, compat=None,
                 seconds=timing)
@@ -484,6 +537,12 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
 
 def search_schedule(denoise, latents, *, num_steps, batch_size=None, **kw):
     """gits.search_schedule with search=, refine=, refine_budget= and student_grid= (see
-    search_rounds)."""
-    schedules, _ = search_rounds(gits.warmup_split(denoise, latents, batch_size), num_steps=num_steps, **kw)
+    search_rounds). With refine, the last CHECK_FRACTION of `latents` are the check set and the
+    rest the warm-up set of every search."""
+    check = []
+    if kw.get('refine'):
+        held = max(1, round(len(latents) * CHECK_FRACTION))
+        latents, check = latents[:-held], gits.warmup_split(denoise, latents[-held:], batch_size)
+    schedules, _ = search_rounds(gits.warmup_split(denoise, latents, batch_size), num_steps=num_steps,
+                                 check_rounds=check, **kw)
     return schedules[num_steps]

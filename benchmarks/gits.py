@@ -4,7 +4,7 @@
     python benchmarks/gits.py --datasets=gmm --solvers=ipndm,unipc --nfes=5,10 --num_eval=128
 
 Defaults: models digits, gmm and gmm_wavelet; all 8 solvers; NFE 5, 6, 8, 10; 256 warm-up seeds
-(the search's) and 512 held-out seeds (the measurement's); refinement budget 4 teacher runs.
+(the search's) and 512 held-out seeds (the measurement's); refinement budget sample.py's default.
 
 For every model, solver and NFE (a cell) it measures the RMSE to `exact()` (the ODE solved to
 1e-9) on the held-out seeds, mean and standard error over seeds, of
@@ -16,21 +16,24 @@ For every model, solver and NFE (a cell) it measures the RMSE to `exact()` (the 
 - student:    the solver-aware DP (student_search.student_dp, run for this cell's length alone);
 - refined:    student_search.refine_found, started from gits, student and the fixed schedules,
               with sample.py's budget for one num_steps: refine_budget teacher runs of its own
-              evaluations (the solver-aware DP's and the afs free step's are reported apart).
+              evaluations, the teacher runs of its check set (the num_warmup seeds after the
+              warm-up ones) included (the solver-aware DP's and the afs free step's are reported
+              apart).
 
 Verdict ("never loses"): on the held-out seeds, refined against the best of the schedules that the
 refinement started from (lowest held-out mean, so again picked on the evaluation seeds), paired per
 seed: d = err_refined - err_best_start, diff = mean(d), se = std(d) / sqrt(n); LOSS if diff > se,
 else ok. A start that the budget left the refinement no evaluations to compare counts too (marked
 'not compared'). Per cell it also records whether the refinement was kept, rejected by its own
-check on the warm-up set, or took no step, and its evaluations against its budget.
+check on its check set, or took no step, and its evaluations against its budget.
 
 Quality (issue 16's table), per model and NFE: UniPC on the paper's GITS schedule (the peer)
 against UniPC refined and against the solver whose refined schedule is best, with ratios to the
 peer and paired standard errors of the differences; the summary asks for every best ratio <= 0.7.
 
-Warm-up seeds (from --warmup_seed) and evaluation seeds (from --eval_seed) are disjoint. The
-teacher run (and GITS's cost matrix) is shared by all solvers. NFE = count_nfe: one-evaluation
+Warm-up and check seeds (2 x num_warmup from --warmup_seed) and evaluation seeds (from
+--eval_seed) are disjoint. The teacher runs (and GITS's cost matrix) are shared by all solvers;
+every cell is charged its check set's teacher run, as sample.py charges it once per search. NFE = count_nfe: one-evaluation
 solvers take NFE steps; Heun and DPM-Solver-2 take NFE/2 steps, or at odd NFE (NFE+1)/2 steps with
 afs (the first evaluation saved), in every schedule mode alike. Prints markdown tables, writes them
 to <out>.md and everything to <out> (JSON).
@@ -139,11 +142,11 @@ def run_cell(ctx, solver, nfe):
     student_path, student_evals, student_seconds = student_found(ctx, points, solver, options, afs)
     found = {k: p for k, p in (('gits', gits_path), ('student', student_path)) if p is not None and len(p) == points}
 
-    budget = int(ctx.opts.refine_budget * ctx.teacher_evals)
+    budget = int(ctx.opts.refine_budget * ctx.teacher_evals) - ctx.check_evals
     t0 = time.perf_counter()
     try:
-        inits, refined, info = student_search.refine_found(ctx.data, ctx.t_tea, found, points, solver, options, afs,
-                                                           budget, {})
+        inits, refined, info = student_search.refine_found(ctx.data, ctx.check, ctx.t_tea, found, points, solver,
+                                                           options, afs, budget, {})
     except ValueError as e:
         if not str(e).startswith('--refine_budget'):
             raise
@@ -170,7 +173,8 @@ def run_cell(ctx, solver, nfe):
     row = dict(points=points, afs=afs, best_fixed=best_fixed, rmse={k: stats(e) for k, e in errors.items()},
                vs_best_start=vs, outcome=outcome(info), refine=info,
                cost=dict(student_evals=student_evals, student_seconds=student_seconds, afs_evals=afs_evals,
-                         afs_seconds=afs_seconds, refine_evals=info['evals'], refine_budget=budget,
+                         afs_seconds=afs_seconds, check_evals=ctx.check_evals, refine_evals=info['evals'],
+                         refine_budget=budget,
                          refine_seconds=refine_seconds),
                schedules={k: solver_utils.format_t_steps(v) for k, v in schedules.items()})
     return row, errors
@@ -193,6 +197,9 @@ def run_dataset(name, opts):
     t0 = time.perf_counter()
     ctx.data, _, ctx.teacher_evals = gits.run_teachers([(0, model.denoise, warm)], ctx.t_tea, opts.solver_tea)
     timing['teacher'] = time.perf_counter() - t0
+    check_seeds = opts.warmup_seed + opts.num_warmup
+    held = latents(model, range(check_seeds, check_seeds + opts.num_warmup * student_search.CHECK_PER_WARMUP))
+    ctx.check, _, ctx.check_evals = gits.run_teachers([(0, model.denoise, held)], ctx.t_tea, opts.solver_tea)
     teacher_err = stats(held_out(model, ctx.latents, ctx.ref, ctx.t_tea, opts.solver_tea, {}, False))
     max_points = max(layout(s, n)[0] for s in opts.solver_list for n in opts.nfe_list)
     ctx.gits_paths = gits.gits_paths(ctx.data, ctx.t_tea, list(range(2, max_points + 1)), 'dev', 1.15, timing)
@@ -381,8 +388,9 @@ def check_options(datasets, solver_names, nfes, opts):
         for n in opts.nfe_list:
             if n < 2 or layout(s, n) is None:
                 raise dnnlib.util.UserError(f'--nfes: {s} cannot spend exactly {n} evaluations (NFE >= 2)')
-    if opts.warmup_seed < opts.eval_seed + opts.num_eval and opts.eval_seed < opts.warmup_seed + opts.num_warmup:
-        raise dnnlib.util.UserError('--warmup_seed: warm-up and evaluation seeds overlap')
+    drawn = opts.num_warmup * (1 + student_search.CHECK_PER_WARMUP)     # warm-up and check seeds
+    if opts.warmup_seed < opts.eval_seed + opts.num_eval and opts.eval_seed < opts.warmup_seed + drawn:
+        raise dnnlib.util.UserError('--warmup_seed: warm-up (and check) seeds overlap the evaluation seeds')
 
 
 @click.command()
@@ -396,7 +404,8 @@ def check_options(datasets, solver_names, nfes, opts):
 @click.option('--num_steps_tea', type=int, default=61, show_default=True)
 @click.option('--solver_tea', default='ipndm', show_default=True)
 @click.option('--student_grid', type=int, default=21, show_default=True, help='Candidate points of the solver-aware DP')
-@click.option('--refine_budget', type=click.FloatRange(min=0, min_open=True), default=4.0, show_default=True,
+@click.option('--refine_budget', type=click.FloatRange(min=0, min_open=True), default=student_search.REFINE_BUDGET,
+              show_default=True,
               help='Refinement evaluations / teacher evaluations')
 @click.option('--threads', type=int, default=2, show_default=True)
 @click.option('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'gits.json'),

@@ -107,12 +107,13 @@ class Counting:
 
 @pytest.fixture(scope='module')
 def refine_data(digits):
-    """32 warm-up trajectories in two rounds, through a denoiser that counts rows."""
+    """32 warm-up trajectories in two rounds and 16 check ones, through a denoiser that counts rows."""
     counter = Counting(digits.denoise)
-    lat = torch.randn(32, *digits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    lat = torch.randn(48, *digits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     t_tea = solver_utils.get_schedule(21, 0.002, 80)
-    data, _, teacher_evals = gits.run_teachers([(0, counter, lat[:20]), (20, counter, lat[20:])], t_tea)
-    return data, counter, teacher_evals
+    data, _, teacher_evals = gits.run_teachers([(0, counter, lat[:20]), (20, counter, lat[20:32])], t_tea)
+    check, _, _ = gits.run_teachers([(0, counter, lat[32:])], t_tea)
+    return data, check, counter, teacher_evals
 
 
 def fixed_inits(points):
@@ -141,33 +142,41 @@ def test_replayed_runs_equal_fresh_runs_and_skip_the_shared_prefix(teacher, digi
             assert replay.evals == (len(ts) - 1 - k) * rnd.size
 
 
-@pytest.mark.parametrize('solver,kept', [('dpmpp', False), ('ipndm', True)])
+@pytest.mark.parametrize('solver,kept', [('deis', False), ('ipndm', True)])
 def test_refinement_lowers_the_fit_objective_and_stays_ordered_within_budget(refine_data, solver, kept):
-    data, counter, teacher_evals = refine_data
+    data, check_data, counter, teacher_evals = refine_data
     options = solvers.resolve_options(solver, {})
     inits = fixed_inits(5)
     budget = 4 * teacher_evals
     counter.rows = 0
-    ts, info = student_search.refine_schedule(data, inits, solver, options, budget=budget, batch=8)
+    ts, info = student_search.refine_schedule(data, check_data, inits, solver, options, budget=budget, batch=8)
     assert counter.rows == info['evals'] <= budget
     errors = {k: student_search.warmup_errors(data, t, solver, options)[0] for k, t in inits.items()}
     assert info['start_objectives'] == pytest.approx({k: float(e.mean()) for k, e in errors.items()}, rel=1e-12)
-    assert info['start'] == min(info['start_objectives'], key=info['start_objectives'].get)
+    # The starts within noise of the best on the warm-up set are compared again with the check set.
+    checked = {k: student_search.warmup_errors(check_data, t, solver, options)[0] for k, t in inits.items()}
+    finals = info['finalists']
+    assert list(finals) == student_search.finalists(errors) and len(finals) < len(inits)
+    assert finals == pytest.approx({k: float(torch.cat([errors[k], checked[k]]).mean()) for k in finals}, rel=1e-12)
+    assert info['start'] == min(finals, key=finals.get)
     start, fit = inits[info['start']], info['fit']
-    assert fit == 24 and info['check']['size'] == 8
+    assert fit == 32 and info['check']['size'] == 16
     # Every accepted step lowers the objective on the whole fit part, and the steps chain.
     trace = info['trace']
     assert info['steps'] == len(trace) >= 3
-    assert trace[0][0] == pytest.approx(float(errors[info['start']][:fit].mean()), rel=1e-12)
+    assert trace[0][0] == pytest.approx(float(errors[info['start']].mean()), rel=1e-12)
     assert all(after < before for before, after in trace)
     assert all(a[1] == b[0] for a, b in zip(trace, trace[1:]))
+    # The check set is the other rounds: neither the starts' comparison nor the steps saw it.
     check = info['check']
-    assert check['start'] == pytest.approx(float(errors[info['start']][fit:].mean()), rel=1e-12)
+    start_check, _ = student_search.warmup_errors(check_data, start, solver, options)
+    assert check['start'] == pytest.approx(float(start_check.mean()), rel=1e-12)
     assert info['kept'] is kept is (check['gain'] > check['se'])
     if kept:
         fitted, _ = student_search.warmup_errors(data, ts, solver, options)
-        assert float(fitted[:fit].mean()) == pytest.approx(trace[-1][1], rel=1e-12)
-        assert float(fitted[fit:].mean()) == pytest.approx(check['refined'], rel=1e-12)
+        assert float(fitted.mean()) == pytest.approx(trace[-1][1], rel=1e-12)
+        checked, _ = student_search.warmup_errors(check_data, ts, solver, options)
+        assert float(checked.mean()) == pytest.approx(check['refined'], rel=1e-12)
         assert len(ts) == 5 and float(ts[0]) == float(start[0]) and float(ts[-1]) == float(start[-1])
         assert bool((ts[1:] < ts[:-1]).all())
     else:
@@ -175,19 +184,28 @@ def test_refinement_lowers_the_fit_objective_and_stays_ordered_within_budget(ref
     # A budget that affords only the starts leaves the best start as it is.
     small = 3 * 4 * 32
     counter.rows = 0
-    ts2, info2 = student_search.refine_schedule(data, inits, solver, options, budget=small, batch=8)
+    ts2, info2 = student_search.refine_schedule(data, check_data, inits, solver, options, budget=small, batch=8)
     assert counter.rows == info2['evals'] <= small and info2['steps'] == 0 and not info2['kept']
     assert torch.equal(ts2, inits[info2['start']])
 
 
 def test_refinement_returns_its_start_when_the_check_rejects(refine_data, monkeypatch):
-    data, _, _ = refine_data
+    data, check_data, _, _ = refine_data
     options = solvers.resolve_options('ipndm', {})
     inits = fixed_inits(5)
     monkeypatch.setattr(student_search, 'check_verdict', lambda start, refined: (False, 0.0, 1.0))
-    ts, info = student_search.refine_schedule(data, inits, 'ipndm', options, budget=2000, batch=8)
+    ts, info = student_search.refine_schedule(data, check_data, inits, 'ipndm', options, budget=2000, batch=8)
     assert info['steps'] > 0 and not info['kept']
     assert torch.equal(ts, inits[info['start']])
+
+
+def test_finalists_are_the_starts_within_noise_of_the_best():
+    idx = torch.arange(64, dtype=torch.float64)
+    best = 1 + torch.sin(idx) ** 2
+    noise = 0.1 * torch.cos(7 * idx)                                   # paired SE about 0.009
+    errors = dict(far=best + 0.5, best=best, near=best + 0.01 + noise, tied=best + noise)
+    assert student_search.finalists(errors) == ['best', 'tied', 'near']
+    assert student_search.finalists(errors, width=0.5) == ['best', 'tied']
 
 
 @pytest.mark.parametrize('gain,kept', [(0.001, False), (50.0, True)])
@@ -225,9 +243,12 @@ def test_sample_flags_end_to_end(tmp_path):
     record = json.loads((tmp_path / 'a' / 'run.json').read_text())
     assert record['search']['search'] == 'student' and record['search']['refine']
     evals = record['search']['evals']
-    assert 0 < evals['refine'] <= 4 * evals['teacher']
+    # The check set: as many fresh seeds as warm-up ones, their teacher runs paid from the budget.
+    assert record['search']['num_check'] == 4 and evals['check'] == evals['teacher']
+    budget = int(student_search.REFINE_BUDGET * evals['teacher']) - evals['check']
+    assert 0 < evals['refine'] <= budget
     line = next(x for x in r.stdout.splitlines() if x.startswith('Refinement, num_steps 5: start '))
-    assert line.endswith(f'{evals["refine"]} of {4 * evals["teacher"]} evaluations')
+    assert line.endswith(f'{evals["refine"]} of {budget} evaluations')
     assert f'--t_steps={record["t_steps_text"]}' in r.stdout
     pasted = [a for a in common if not a.startswith('--num_steps')]     # the list is the whole schedule
     r2 = run_cli('sample.py', *pasted, f'--t_steps={record["t_steps_text"]}', f'--outdir={tmp_path / "b"}')
