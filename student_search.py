@@ -191,7 +191,10 @@ def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, g
 # earlier version used, which rejected gains that 512 held-out seeds confirmed: the errors are
 # heavy-tailed, a few seeds carry the mean). The start is the best of the given schedules (GITS,
 # solver-aware DP, fixed ones) on the warm-up trajectories that no search has fitted (the
-# solver-aware DP prices its steps on the first STUDENT_SUBSET).
+# solver-aware DP prices its steps on the first STUDENT_SUBSET) and, among those within two
+# paired standard errors of the best there (`finalists`), on those and the check set together:
+# 224 warm-up trajectories alone picked the worse of two near-tied starts in 2 of 96 benchmark
+# cells.
 
 REFINE_BUDGET = 6.0       # default evaluations for the refinement, in multiples of the teacher's (one pays the check set)
 CHECK_PER_WARMUP = 1      # check trajectories (teacher runs of fresh seeds) per warm-up trajectory

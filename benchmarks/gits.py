@@ -1,6 +1,6 @@
 """Benchmark of the schedule searches on the exact analytic models (issues 4, 10 and 16).
 
-    python benchmarks/gits.py                       # default: about 15 minutes on 2 quiet CPU cores
+    python benchmarks/gits.py                       # default: about 17 minutes on 2 quiet CPU cores
     python benchmarks/gits.py --datasets=gmm --solvers=ipndm,unipc --nfes=5,10 --num_eval=128
 
 Defaults: models digits, gmm and gmm_wavelet; all 8 solvers; NFE 5, 6, 8, 10; 256 warm-up seeds
