@@ -4,7 +4,6 @@ its free-step search, cost matrix, DP), the teacher-option rules of our default,
 counts, and sample.py --compat end to end and its refusals."""
 
 import json
-import os
 
 import numpy as np
 import pytest

@@ -73,7 +73,6 @@ def test_analyze_digits_profile_and_figures(tmp_path):
     assert min(rec['sampling']['top2_deviation_share']) > 0.9
     # The JSON agrees with a direct computation on a re-recorded trajectory of seed 0.
     import models
-    import sample
     model = models.load('digits')
     noise, _ = draw_seed_inputs([0], model.shape, 0)
     t_steps = torch.tensor(rec['t_steps'], dtype=torch.float64)
@@ -96,7 +95,6 @@ def test_schedules_command_matches_gits_search(tmp_path):
         assert rec['nfe'][name] == 4 and rec['errors'][name] > 0
     # The plotted GITS schedule is the one sample.py --dp would use with the same warm-up noise.
     import models
-    import sample
     model = models.load('digits')
     noise, _ = draw_seed_inputs(range(5000, 5006), model.shape, 0)
     ref = gits.search_schedule(model.denoise, noise.float(), num_steps=5, sigma_min=0.002, sigma_max=80,
