@@ -12,7 +12,7 @@ import gits
 import solver_utils
 import solvers
 import student_search
-from helpers import assert_one_line_error, run_cli
+from helpers import assert_one_line_error, run_cli, torchrun
 
 
 @pytest.fixture(scope='module')
@@ -256,6 +256,25 @@ def test_sample_flags_end_to_end(tmp_path):
     for s in range(3):
         name = f'{s:06d}.png'
         assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
+
+
+def test_refined_search_is_the_same_on_two_processes(tmp_path):
+    """Warm-up and check seeds split over two processes: the same starts, steps, check verdict,
+    evaluations and schedule as one process."""
+    args = ['--dataset_name=digits', '--seeds=0-1', '--dp=True', '--search=student', '--refine=True',
+            '--refine_budget=20', '--num_warmup=10', '--batch=4', '--solver=unipc', '--num_steps=5',
+            '--num_steps_tea=13']
+    r1 = run_cli('sample.py', *args, f'--outdir={tmp_path / "one"}')
+    assert r1.returncode == 0, r1.stderr
+    r2 = torchrun('sample.py', 2, *args, f'--outdir={tmp_path / "two"}')
+    assert r2.returncode == 0, r2.stderr
+    one, two = ((tmp_path / d / 'run.json').read_text() for d in ('one', 'two'))
+    one, two = json.loads(one)['search'], json.loads(two)['search']
+    refined = one['refined']['5']
+    assert refined['steps'] > 0 and refined['check']['size'] == one['num_check'] == 10
+    assert one['refined'] == two['refined'] and one['evals'] == two['evals']
+    assert json.loads((tmp_path / 'one' / 'run.json').read_text())['t_steps'] == \
+        json.loads((tmp_path / 'two' / 'run.json').read_text())['t_steps']
 
 
 @pytest.mark.parametrize('args,flag', [
