@@ -136,7 +136,8 @@ def validate_options(opts):
     drawn = opts.num_warmup * (1 + (student_search.CHECK_PER_WARMUP if opts.get('refine') else 0))
     warm = range(opts.warmup_seed, opts.warmup_seed + drawn)        # with --refine, also its check seeds
     if opts.save_schedules is None and any(s in warm for s in opts.seed_list):
-        raise UserError(f'--warmup_seed: warm-up seeds {warm.start}-{warm.stop - 1} overlap --seeds; '
+        kind = 'warm-up and check' if opts.get('refine') else 'warm-up'
+        raise UserError(f'--warmup_seed: {kind} seeds {warm.start}-{warm.stop - 1} overlap --seeds; '
                         'pick a --warmup_seed outside the sampled seeds')
     opts.save_num_steps_list = [opts.num_steps]
     if opts.save_num_steps:

@@ -283,6 +283,8 @@ def test_refined_search_is_the_same_on_two_processes(tmp_path):
     (['--search=student'], '--search'),
     (['--dp=True', '--refine=True', '--refine_budget=0'], '--refine_budget'),
     (['--dp=True', '--refine=True', '--refine_budget=0.01', '--num_warmup=4', '--num_steps_tea=13'], '--refine_budget'),
+    # The check seeds (4-7) follow the warm-up seeds (0-3) and must not overlap --seeds either.
+    (['--dp=True', '--refine=True', '--num_warmup=4', '--warmup_seed=0', '--seeds=5-6'], '--warmup_seed'),
 ])
 def test_bad_refine_flags(tmp_path, args, flag):
     r = run_cli('sample.py', '--dataset_name=digits', *args, f'--outdir={tmp_path / "o"}')
