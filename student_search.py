@@ -7,8 +7,8 @@ whatever solver will sample. Here:
   afs, its midpoint or corrector evaluations) against the teacher point (`price_step`,
   `student_dp`), with the same DP recursion;
 - refine=True then moves the interior points, in log sigma, to minimise the student's final-point
-  error against the teacher on the warm-up set (Levenberg-Marquardt, kept only if a held-out part
-  of the warm-up set confirms the gain), within a budget of denoiser evaluations
+  error against the teacher on the warm-up set (Levenberg-Marquardt, kept only if the teacher runs
+  of fresh check seeds confirm the gain), within a budget of denoiser evaluations
   (`refine_schedule`, `refine_found`), starting from the best of the GITS, solver-aware and fixed
   schedules.
 
@@ -129,7 +129,8 @@ def price_step(rnd, t_tea, path, j, solver, options, afs=False):
     return misc.per_seed_rmse(out, rnd.xs[j]), forced.evals
 
 
-def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, grid=21, subset=STUDENT_SUBSET, timing=None):
+def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, grid=21, subset=STUDENT_SUBSET,
+               timing=None):
     """Forward DP over (teacher index, steps taken) on the candidate grid; each state keeps its
     best path, which is the history its next step is priced with. Path value = sum_k coeff^k *
     (mean step RMSE), as in the GITS DP. Steps are priced on the warm-up trajectories with global
@@ -196,7 +197,7 @@ def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, g
 # 224 warm-up trajectories alone picked the worse of two near-tied starts in 2 of 96 benchmark
 # cells.
 
-REFINE_BUDGET = 6.0       # default evaluations for the refinement, in multiples of the teacher's (one pays the check set)
+REFINE_BUDGET = 6.0       # default evaluations for the refinement, in teacher runs (one pays the check set)
 CHECK_PER_WARMUP = 1      # check trajectories (teacher runs of fresh seeds) per warm-up trajectory
 CHECK_FRACTION = 0.25     # search_schedule(latents): the share of the given latents held out as the check
 BATCH = 64                # trajectories per Jacobian
@@ -236,12 +237,12 @@ def _run(denoise, rnd, a, b, t_steps, solver, options, afs):
         return solvers.SOLVERS[solver](denoise, rnd.latents[a:b] * float(t_steps[0]), t_steps, afs=afs, **options)
 
 
-def warmup_errors(data, t_steps, solver, options, afs=False, lo=0, hi=None):
+def warmup_errors(data, t_steps, solver, options, afs=False):
     """Per-trajectory RMSE (all processes, in index order) of the student's final point against
-    the teacher's, over the warm-up trajectories with global index in [lo, hi); and the
-    evaluations spent on this rank."""
+    the teacher's, over the trajectories of the teacher rounds `data`; and the evaluations spent
+    on this rank."""
     rows, evals = [], 0
-    for rnd, a, b in _slices(data, lo, hi):
+    for rnd, a, b in _slices(data, 0, None):
         counter = solver_utils.Recorder(rnd.denoise)
         e = misc.per_seed_rmse(_run(counter, rnd, a, b, t_steps, solver, options, afs), rnd.xs[-1, a:b])
         evals += counter.evals
@@ -307,13 +308,17 @@ def _lm_step(t_steps, A, g, damping):
     return None
 
 
+def _paired(a, b):
+    """Mean and standard error (inf for one trajectory) of the per-trajectory difference a - b."""
+    diff = (a - b).to(torch.float64)
+    return float(diff.mean()), float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else math.inf
+
+
 def check_verdict(start_errors, refined_errors):
     """Keep a refinement only if its mean per-trajectory gain over the start on the check
     trajectories exceeds one standard error of the paired difference: a gain within noise is more
     likely overfitting than improvement. Returns (kept, gain, standard error)."""
-    diff = (start_errors - refined_errors).to(torch.float64)
-    se = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else math.inf
-    gain = float(diff.mean())
+    gain, se = _paired(start_errors, refined_errors)
     return gain > se, gain, se
 
 
@@ -323,9 +328,8 @@ def finalists(errors, width=2.0):
     best = min(errors, key=lambda k: float(errors[k].mean()))
     out = []
     for name, e in errors.items():
-        diff = (e - errors[best]).to(torch.float64)
-        se = float(diff.std() / diff.numel() ** 0.5) if diff.numel() > 1 else math.inf
-        if float(diff.mean()) <= width * se:
+        diff, se = _paired(e, errors[best])
+        if diff <= width * se:
             out.append(name)
     return sorted(out, key=lambda k: float(errors[k].mean()))
 
@@ -335,9 +339,9 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     """Refine the best of `inits` ({name: t_steps}, equal lengths): the starts are compared on the
     warm-up trajectories `data` with global index >= exclude (those no search fitted) together with
     the teacher rounds `check`, then Levenberg-Marquardt steps (see above) fit all of `data`, and
-    `check` (trajectories no step has seen) decides whether the result is kept. `budget`: the most denoiser
-    evaluations to spend, all processes and stages together (None: no limit); a step is only
-    started if the budget also affords the check. Returns (t_steps, info)."""
+    `check` (trajectories no step has seen) decides whether the result is kept. `budget`: the most
+    denoiser evaluations to spend, all processes and stages together (None: no limit); a step is
+    only started if the budget also affords the check. Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
     total = dist.sum_over_ranks(sum(r.size for r in data))
@@ -350,9 +354,9 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     def affordable(evals):
         return budget is None or spent + evals <= budget
 
-    def errors(ts, rounds, lo=0, hi=None):
+    def errors(ts, rounds):
         nonlocal spent
-        e, evals = warmup_errors(rounds, ts, solver, options, afs, lo, hi)
+        e, evals = warmup_errors(rounds, ts, solver, options, afs)
         spent += dist.sum_over_ranks(evals)
         return e
 
@@ -375,7 +379,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     start = min(finals or objectives, key=(finals or objectives).get)
     t_steps = inits[start].clone()
     value = float(start_errors[start].mean())
-    check_cost = nfe * check_size * (1 + int(start not in start_check))     # the result (and start) on the check set
+    check_cost = nfe * check_size * (1 + int(start not in start_check))     # the result (and start) on it
     trace, damping, failures, cursor = [], 1e-2, 0, 0
     while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
         lo = cursor % total
@@ -412,8 +416,8 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     if not kept:
         t_steps = inits[start].clone()
     timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
-    info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace, check=verdict, kept=kept,
-                evals=spent, budget=budget, fit=total, compared_from=compared_from)
+    info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace,
+                check=verdict, kept=kept, evals=spent, budget=budget, fit=total, compared_from=compared_from)
     return t_steps, info
 
 
@@ -436,9 +440,17 @@ def refine_found(data, check, t_tea, found, points, solver, options, afs=False, 
 SEARCH_MODES = ('gits', 'student')
 
 
+def schedule_budget(refine_budget, teacher_evals, check_evals, count):
+    """Each of `count` refined schedules' evaluations: refine_budget teacher runs, less the check
+    set's teacher run, shared evenly (the searches before the refinement are reported, not
+    charged: the afs free step alone can cost most of a teacher run)."""
+    return (int(refine_budget * teacher_evals) - check_evals) // count
+
+
 def refinement_check(check_rounds, t_tea, solver_tea, teacher_options, teacher_evals, num_warmup, budget, timing):
-    """The teacher runs of the refinement's check set, and their evaluations (all processes),
-    refused before they start if they would not leave the refinement any of its `budget`."""
+    """The teacher runs of the refinement's check set: (rounds, trajectories and evaluations, all
+    processes), refused before they start if they would not leave the refinement any of its
+    `budget`."""
     num_check = dist.sum_over_ranks(sum(len(noise) for _, _, noise in check_rounds))
     if num_check == 0:
         raise ValueError('--refine: the refinement needs check trajectories besides the warm-up ones')
@@ -449,12 +461,12 @@ def refinement_check(check_rounds, t_tea, solver_tea, teacher_options, teacher_e
     t0 = time.perf_counter()
     check, _, evals = gits.run_teachers(check_rounds, t_tea, solver_tea, **teacher_options)
     timing['check'] = timing.get('check', 0.0) + time.perf_counter() - t0
-    return check, dist.sum_over_ranks(evals)
+    return check, num_check, dist.sum_over_ranks(evals)
 
 
-def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
-                  solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False, solver=None,
-                  model=None, all_num_steps=None, search='gits', refine=False, refine_budget=REFINE_BUDGET,
+def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, schedule_type='polynomial',
+                  schedule_rho=7.0, solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False,
+                  solver=None, model=None, all_num_steps=None, search='gits', refine=False, refine_budget=REFINE_BUDGET,
                   student_grid=21, compat=None, denoise_to_zero=False, **options):
     """gits.search_rounds with the solver-aware search and refinement. search='gits': the paper's
     Euler-step cost matrix and DP (with afs, plus its free step); 'student': the solver-aware DP
@@ -463,7 +475,8 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     with at most refine_budget times the teacher's evaluations, and keep each result only if the
     teacher runs of `check_rounds` (this rank's (first, denoise, noise) of the check seeds, indexed
     from 0) confirm it; their teacher evaluations come out of that budget. Returns
-    ({num_steps: t_steps}, info). compat and denoise_to_zero go to gits.search_rounds (compat is the paper's search only)."""
+    ({num_steps: t_steps}, info). compat and denoise_to_zero go to gits.search_rounds (compat is
+    the paper's search only)."""
     if search not in SEARCH_MODES:
         raise ValueError(f'--search: unknown mode "{search}"; choose one of {", ".join(SEARCH_MODES)}')
     paper = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type,
@@ -486,15 +499,12 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     total_teacher = dist.sum_over_ranks(teacher_evals)
     num_warmup = dist.sum_over_ranks(sum(r.size for r in data))
     extra = int(bool(afs))        # with afs every search returns one more point at the same NFE
-    budget, check, check_evals = None, [], 0
+    budget, check, num_check, check_evals = None, [], 0, 0
     if refine:
-        budget = int(refine_budget * total_teacher)
-        check, check_evals = refinement_check(check_rounds, t_tea, solver_tea, teacher_options, total_teacher,
-                                              num_warmup, budget, timing)
-        # The rest of the refinement's evaluations, shared evenly by the schedules it refines (the
-        # searches before it are reported, not charged: the afs free step alone can cost most of a
-        # teacher run).
-        budget = (budget - check_evals) // len(wanted)
+        check, num_check, check_evals = refinement_check(check_rounds, t_tea, solver_tea, teacher_options,
+                                                         total_teacher, num_warmup,
+                                                         int(refine_budget * total_teacher), timing)
+        budget = schedule_budget(refine_budget, total_teacher, check_evals, len(wanted))
     gits_found = gits.gits_paths(data, t_tea, wanted, metric, coeff, timing) if refine or search == 'gits' else {}
     student, student_evals = ({}, 0)
     if search == 'student' or refine:
@@ -531,7 +541,7 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
                 num_warmup=int(num_warmup), teacher_evals_this_rank=teacher_calls,
                 evals=dict(teacher=total_teacher, afs=afs_evals, student=student_evals, check=check_evals,
                            refine=sum(r['evals'] for r in refined.values())),
-                num_check=dist.sum_over_ranks(sum(r.size for r in check)),
+                num_check=num_check,
                 refined=refined, search=search, refine=bool(refine), metric=metric, coeff=coeff,
                 solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=teacher_options, compat=None,
                 seconds=timing)

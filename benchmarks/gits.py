@@ -142,7 +142,7 @@ def run_cell(ctx, solver, nfe):
     student_path, student_evals, student_seconds = student_found(ctx, points, solver, options, afs)
     found = {k: p for k, p in (('gits', gits_path), ('student', student_path)) if p is not None and len(p) == points}
 
-    budget = int(ctx.opts.refine_budget * ctx.teacher_evals) - ctx.check_evals
+    budget = student_search.schedule_budget(ctx.opts.refine_budget, ctx.teacher_evals, ctx.check_evals, 1)
     t0 = time.perf_counter()
     try:
         inits, refined, info = student_search.refine_found(ctx.data, ctx.check, ctx.t_tea, found, points, solver,
@@ -174,8 +174,7 @@ def run_cell(ctx, solver, nfe):
                vs_best_start=vs, outcome=outcome(info), refine=info,
                cost=dict(student_evals=student_evals, student_seconds=student_seconds, afs_evals=afs_evals,
                          afs_seconds=afs_seconds, check_evals=ctx.check_evals, refine_evals=info['evals'],
-                         refine_budget=budget,
-                         refine_seconds=refine_seconds),
+                         refine_budget=budget, refine_seconds=refine_seconds),
                schedules={k: solver_utils.format_t_steps(v) for k, v in schedules.items()})
     return row, errors
 
