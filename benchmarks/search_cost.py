@@ -60,10 +60,14 @@ def measure(name, opts):
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
     ratio = statistics.median((r['teacher'] + r['search']) / r['teacher'] for r in runs)
     ratio_cpu = statistics.median((r['teacher_cpu'] + r['search_cpu']) / r['teacher_cpu'] for r in runs)
-    res = dict(seconds=med, runs=list(runs), ratio_wall=ratio, ratio_cpu=ratio_cpu, t_steps=schedules[0])
-    print(f'[{name}] teacher {med["teacher"]:.3f}s ({med["teacher_cpu"]:.3f}s CPU), cost matrix {med["cost"]:.3f}s, '
-          f'DP {med["dp"]:.4f}s, cost + DP {med["search"]:.3f}s ({med["search_cpu"]:.3f}s CPU); '
-          f'search / teacher: {ratio:.3f} wall, {ratio_cpu:.3f} CPU (median of {opts.repeats})', flush=True)
+    ratios = [(r['teacher'] + r['search']) / r['teacher'] for r in runs]
+    res = dict(seconds=med, runs=list(runs), ratio_wall=ratio, ratio_cpu=ratio_cpu,
+               ratio_range=[min(ratios), max(ratios)], t_steps=schedules[0])
+    teachers = [r['teacher'] for r in runs]
+    print(f'[{name}] teacher {med["teacher"]:.3f}s ({med["teacher_cpu"]:.3f}s CPU; '
+          f'runs {min(teachers):.2f}-{max(teachers):.2f}s), cost matrix {med["cost"]:.3f}s, DP {med["dp"]:.4f}s, '
+          f'cost + DP {med["search"]:.3f}s ({med["search_cpu"]:.3f}s CPU); search / teacher: {ratio:.3f} wall '
+          f'(runs {min(ratios):.3f}-{max(ratios):.3f}), {ratio_cpu:.3f} CPU (median of {opts.repeats})', flush=True)
     return res
 
 

@@ -86,6 +86,27 @@ def test_cost_matrix_matches_direct_computation(request, name, num):
         assert torch.equal(alone[0], fast[1])
 
 
+@pytest.mark.parametrize('name,num', [('gmm', 3), ('digits', 8)])
+def test_cost_matrix_does_not_depend_on_the_thread_count(request, name, num):
+    """torchrun's processes run one thread each and a lone process runs several: every metric's
+    costs are the same bits either way (the dev cost's block is fixed for that reason)."""
+    model = request.getfixturevalue(name)
+    lat = torch.randn(num, *model.shape, generator=torch.Generator().manual_seed(1))
+    t_tea = solver_utils.get_schedule(34, 0.002, 80)           # 33 rows: 32 of 3x32x32 and a partial block
+    xs, ds, _ = gits.teacher_trajectory(model.denoise, lat, t_tea, 'ipndm')
+    threads = torch.get_num_threads()
+    try:
+        costs = {}
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            costs[count] = [gits.trajectory_costs(xs, ds, t_tea, metric) for metric in gits.METRICS]
+    finally:
+        torch.set_num_threads(threads)
+    for one, two in zip(costs[1], costs[2]):
+        assert torch.equal(one, two)
+    assert torch.isfinite(costs[1][0][:, 0, 1:]).all()
+
+
 def test_search_is_deterministic_and_batch_invariant(digits):
     lat = torch.randn(12, *digits.shape, generator=torch.Generator().manual_seed(7))
     kw = dict(num_steps=5, sigma_min=0.002, sigma_max=80, solver_tea='heun', num_steps_tea=21)
