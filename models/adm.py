@@ -134,6 +134,7 @@ class ADMModel(DiscreteVPModel):
         super().__init__(linear_alphas_cumprod(1e-4, 0.02, 1000), device)
         self.net = net.to(self.device)
         self.classifier = classifier.to(self.device) if classifier is not None else None
+        self.log_sigma_table(self.device)                   # the guidance's sigma(t) table, before sampling
         self.guidance_rate = float(guidance_rate)
         self.clip_denoised = clip_denoised
         self.img_channels = net.in_channels
@@ -155,7 +156,7 @@ class ADMModel(DiscreteVPModel):
         eps = self.eps_uncond(x_vp, t, y)
         if self.classifier is None or self.guidance_rate == 0:
             return eps
-        sigma_t = self.sigma(t.detach().cpu()).to(device=eps.device, dtype=eps.dtype)
+        sigma_t = self.sigma(t.detach()).to(dtype=eps.dtype)           # on the device: no host read
         sqrt_one_minus_abar = (sigma_t / (1 + sigma_t ** 2).sqrt())[:, None, None, None]
         return eps - sqrt_one_minus_abar * self.guidance_rate * self.classifier_grad(x_vp, t, y)
 

@@ -39,11 +39,20 @@ class DiscreteVPModel(Model):
         self.sigma_max = float(self.log_sigmas[-1].exp())
 
     def sigma(self, t):
-        """Noise level at fractional timestep t in [0, T-1] (log-sigma interpolated)."""
+        """Noise level at fractional timestep t in [0, T-1] (log-sigma interpolated), on t's device."""
         t = torch.as_tensor(t, dtype=torch.float64).clamp(0, self.num_timesteps - 1)
+        log_sigmas = self.log_sigma_table(t.device)
         lo = t.floor().long().clamp(max=self.num_timesteps - 2)
         w = t - lo
-        return ((1 - w) * self.log_sigmas[lo] + w * self.log_sigmas[lo + 1]).exp()
+        return ((1 - w) * log_sigmas[lo] + w * log_sigmas[lo + 1]).exp()
+
+    def log_sigma_table(self, device):
+        """`log_sigmas` on `device`, copied there once: a copy inside the sampling loop would make
+        the host wait for every kernel queued before it."""
+        tables = self.__dict__.setdefault('_log_sigma_tables', {})
+        if device not in tables:
+            tables[device] = self.log_sigmas.to(device)
+        return tables[device]
 
     def sigma_inv(self, sigma):
         """Fractional timestep whose noise level is sigma (inverse of `sigma`), clamped to [0, T-1]."""
@@ -59,7 +68,9 @@ class DiscreteVPModel(Model):
 
     def denoise(self, x, sigma, class_labels=None, condition=None, unconditional_condition=None):
         sigma_f = float(sigma)
-        t = self.sigma_inv(sigma_f).to(torch.float32).to(x.device).expand(x.shape[0])
+        # The timestep is found on the host and filled in on the device (a copy would wait, see above).
+        t_host = float(self.sigma_inv(sigma_f).to(torch.float32))
+        t = torch.full([x.shape[0]], t_host, dtype=torch.float32, device=x.device)
         cond = {k: v for k, v in dict(class_labels=class_labels, condition=condition,
                                       unconditional_condition=unconditional_condition).items() if v is not None}
         eps = self.eps(x / (1 + sigma_f ** 2) ** 0.5, t, **cond)

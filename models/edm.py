@@ -49,7 +49,10 @@ class EDMModel(Model):
         self.sigma_max = min(SIGMA_MAX, float(net.sigma_max))
 
     def denoise(self, x, sigma, class_labels=None, condition=None, unconditional_condition=None):
-        sigma = torch.as_tensor(sigma, dtype=torch.float64, device=x.device).reshape(-1).expand(x.shape[0])
+        if isinstance(sigma, torch.Tensor):
+            sigma = sigma.to(device=x.device, dtype=torch.float64).reshape(-1).expand(x.shape[0])
+        else:      # a number is filled in on the device: copying it there would wait for the queue
+            sigma = torch.full([x.shape[0]], float(sigma), dtype=torch.float64, device=x.device)
         return self.net(x, sigma, class_labels).to(x.dtype)
 
 
