@@ -2,6 +2,7 @@
 (their full runs are long; this keeps them from rotting when the code under them changes)."""
 
 import json
+import math
 
 import pytest
 
@@ -40,8 +41,29 @@ def test_search_cost_benchmark_small_run(tmp_path):
     r = run_cli('benchmarks/search_cost.py', '--datasets=digits', '--num_warmup=16', '--batch=8', '--num_steps_tea=21',
                 '--repeats=1', f'--out={out}')
     assert r.returncode == 0, r.stderr
-    s = json.loads(out.read_text())['results']['digits']['seconds']
+    res = json.loads(out.read_text())['results']['digits']
+    s = res['seconds']
     assert s['teacher'] > 0 and s['search'] == pytest.approx(s['cost'] + s['dp'], rel=0.05)
+    assert res['ratio_range'][0] <= res['ratio_wall'] <= res['ratio_range'][1]
+    assert res['ratio_wall'] == pytest.approx((s['teacher'] + s['search']) / s['teacher'], rel=1e-9)
+
+
+def test_compat_benchmark_small_run(tmp_path):
+    """Every difference row runs on both sides, and the printed table is the JSON's."""
+    out = tmp_path / 'compat.json'
+    r = run_cli('benchmarks/compat.py', '--models=digits', '--seeds=0-1', '--num_warmup=4', f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    res = json.loads(out.read_text())['models']['digits']
+    cells = [v for row in res['rows'] for pair in row['rmse'] for v in pair]
+    cells += [v for row in res['short'] for v in row['rmse']]
+    cells += [v for row in res['search'] for pair in row['rmse'] for v in pair if v is not None]
+    assert cells and all(math.isfinite(v) and v >= 0 for v in cells)
+    # The README's difference 4: the official rhoAB reuses step 3's weights and blows up with length.
+    rhoab = next(row['rmse'] for row in res['rows'] if row['options'].get('deis_mode') == 'rhoab')
+    assert rhoab[-1][1] > 10 * rhoab[-1][0]
+    table = [line for line in r.stdout.splitlines() if line.startswith('| ') and not line.startswith('| difference')]
+    assert len(table) == len(res['rows']) + len(res['short']) + len(res['search'])
+    assert any(v is not None for row in res['search'] for pair in row['rmse'] for v in pair)
 
 
 def test_solvers_benchmark_small_run(tmp_path):
