@@ -11,7 +11,9 @@ from torch.overrides import TorchFunctionMode
 
 import solver_utils
 import solvers
-from models import adm, cm, edm, edm_networks, unet
+from models import adm, cm, edm, edm_networks, sd, unet
+from models.clip_text import CLIPTextConfig, CLIPTextModel
+from models.discrete import scaled_linear_alphas_cumprod
 
 META = torch.device('meta')
 READS = {torch.Tensor.item, torch.Tensor.tolist, torch.Tensor.cpu, torch.Tensor.numpy, torch.Tensor.__bool__,
@@ -51,8 +53,9 @@ class HostTransfers(TorchFunctionMode):
 
 
 def tiny_families():
-    """EDM (both preconditionings), ADM with classifier guidance and the consistency model, bound as
-    sample.py binds them, on `meta`. LDM and Stable Diffusion share ADM's discrete-timestep path."""
+    """EDM (both preconditionings), ADM with classifier guidance, the consistency model and Stable
+    Diffusion with classifier-free guidance (LDM's path less the text), bound as sample.py binds
+    them, on `meta`."""
     torch.manual_seed(0)
     tiny = dict(img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=16, num_blocks=1,
                 attn_resolutions=[4], dropout=0.0)
@@ -64,6 +67,16 @@ def tiny_families():
                                        use_scale_shift_norm=True, resblock_updown=True, pool='attention')
     cm_unet = unet.UNetModel(image_size=8, model_channels=32, out_channels=3, num_res_blocks=1,
                              attention_resolutions=(2,), channel_mult=(1, 1), num_head_channels=32)
+    sd_unet = unet.UNetModel(image_size=8, in_channels=4, out_channels=4, model_channels=32, num_res_blocks=1,
+                             attention_resolutions=(1,), channel_mult=(1,), num_heads=2, use_spatial_transformer=True,
+                             context_dim=16)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                        num_attention_heads=2))
+    alphas_cumprod = scaled_linear_alphas_cumprod(0.00085, 0.012)
+    stable_diffusion = sd.StableDiffusion(sd_unet, torch.nn.Identity(), text, alphas_cumprod, 4, 8, 0.18215,
+                                          guidance_rate=7.5, prompt='', device=META)
+    text_condition = dict(condition=torch.empty(2, 77, 16, device=META),
+                          unconditional_condition=torch.empty(2, 77, 16, device=META))
     labels = torch.zeros(2, 10, device=META)
     families = {
         'edm': (edm.EDMModel(edm_networks.EDMPrecond(label_dim=0, **tiny), device=META), {}),
@@ -71,6 +84,7 @@ def tiny_families():
         'adm-guided': (adm.ADMModel(adm_unet, classifier, guidance_rate=1.0, device=META),
                        dict(class_labels=labels)),
         'cm': (cm.CMEDMModel(cm_unet, device=META), {}),
+        'sd-cfg': (stable_diffusion, text_condition),
     }
     return {name: (model, model.bind(**cond)) for name, (model, cond) in families.items()}
 
@@ -100,6 +114,7 @@ def test_denoisers_move_nothing_between_host_and_device(family):
     model, denoise = FAMILIES[family]
     x = torch.empty(2, 3, 8, 8, device=META)
     with HostTransfers() as seen, torch.no_grad():
+        x = torch.empty(2, *model.shape, device=META)
         for sigma in (model.sigma_max, 1.0, model.sigma_min):
             out = denoise(x, sigma)
             assert out.device == META and out.shape == x.shape
