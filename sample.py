@@ -30,7 +30,7 @@ import solvers
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils import misc
-from torch_utils.seeds import seed_batch, split_batches
+from torch_utils.seeds import drawn_ahead, seed_batch, split_batches
 
 SOLVER_NAMES = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'unipc')   # in the order of --help
 BOOL = click.BOOL
@@ -372,12 +372,14 @@ def run(opts, given=()):
     from tqdm import tqdm
     # PNG encoding and writing run on a background thread, so that on a GPU they overlap the next
     # batch's sampling; at most one batch waits for its writes (bounded memory, errors surface).
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+    # Another thread draws the next batch's per-seed noise meanwhile.
+    batches = [b for b in batches if b]
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer, \
+            concurrent.futures.ThreadPoolExecutor(max_workers=1) as drawer, \
+            tqdm(total=len(batches), unit='batch', disable=(rank != 0), file=sys.stdout) as progress:
         pending = None
-        for batch_seeds in tqdm(batches, unit='batch', disable=(rank != 0), file=sys.stdout):
-            if not batch_seeds:
-                continue
-            noise, denoise = seed_batch(model, batch_seeds, device, class_idx=opts.class_idx)
+        for batch_seeds, inputs in drawn_ahead(batches, model.shape, model.label_dim, drawer):
+            noise, denoise = seed_batch(model, batch_seeds, device, class_idx=opts.class_idx, inputs=inputs)
             x = noise * float(t_steps[0])
             with torch.no_grad():
                 x = sample_fn(denoise, x, t_steps, afs=afs, denoise_to_zero=opts.denoise_to_zero,
@@ -385,11 +387,13 @@ def run(opts, given=()):
                 images = to_uint8(model.decode(x))
             if opts.grid:
                 grid_parts.extend(zip(batch_seeds, images))
+                progress.update(1)
                 continue
             infos = [model.image_info(seed) for seed in batch_seeds]
             if pending is not None:
                 pending.result()
             pending = writer.submit(write_images, outdir, opts.subdirs, batch_seeds, images, infos)
+            progress.update(1)
         if pending is not None:
             pending.result()
 

@@ -297,3 +297,40 @@ def test_torchrun_errors_print_once(tmp_path):
     r = torchrun('sample.py', 2, '--dataset_name=digits', '--seeds=0-3', f'--outdir={out}', '--solver=euler',
                  '--num_steps=3')
     check(r, '--outdir')
+
+
+def test_next_batch_noise_is_drawn_while_the_current_one_samples(tmp_path, monkeypatch):
+    """sample.py's loop takes each batch's per-seed inputs from `drawn_ahead`: the draw of batch
+    k + 1 is already on the helper thread when batch k is handed out, and every input is the one
+    its seed draws alone."""
+    handed_out = []
+
+    def recording(batches, *args):
+        for item in real(batches, *args):
+            handed_out.append(item[0])
+            yield item
+
+    real = sample.drawn_ahead
+    monkeypatch.setattr(sample, 'drawn_ahead', recording)
+    r = run_here(sample.main, '--dataset_name=digits', '--seeds=0-4', '--batch=2', f'--outdir={tmp_path}', *FAST)
+    assert r.returncode == 0 and handed_out == [[0, 1], [2, 3], [4]]
+
+    import concurrent.futures
+    from torch_utils import seeds as seeds_module
+
+    submitted = []
+
+    class Recording(concurrent.futures.ThreadPoolExecutor):
+        def submit(self, fn, batch, *args):
+            submitted.append(list(batch))
+            return super().submit(fn, batch, *args)
+
+    batches = [[5, 1], [9], [2, 7, 3]]
+    with Recording(max_workers=1) as drawer:
+        for k, (batch, (noise, labels)) in enumerate(seeds_module.drawn_ahead(batches, (1, 4, 4), 10, drawer)):
+            assert submitted == batches[:k + 2]
+            alone = [seeds_module.draw_seed_inputs([s], (1, 4, 4), 10) for s in batch]
+            assert batch == batches[k]
+            assert all(np.array_equal(noise[i].numpy(), a[0][0].numpy()) for i, a in enumerate(alone))
+            assert [int(v) for v in labels] == [int(a[1][0]) for a in alone]
+    assert k == len(batches) - 1

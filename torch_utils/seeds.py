@@ -34,14 +34,28 @@ def split_batches(seeds, batch, world_size):
     return [b.tolist() for b in np.array_split(np.array(seeds, dtype=np.int64), num_batches)]
 
 
-def seed_batch(model, seeds, device, class_idx=None, warmup=False):
+def seed_batch(model, seeds, device, class_idx=None, warmup=False, inputs=None):
     """Noise (float32 on `device`) and the model's denoiser bound to the seeds' conditioning.
     `class_idx` fixes the class of a class-conditional model. Warm-up seeds (GITS) are never
     sampled: a model whose conditioning is tied to the sampled seeds (SD's prompt file: prompt i
-    for seed i) draws it another way for them (`warmup_conditioning`)."""
-    noise, labels = draw_seed_inputs(seeds, model.shape, model.label_dim)
+    for seed i) draws it another way for them (`warmup_conditioning`). `inputs`: the seeds'
+    `draw_seed_inputs`, if already drawn (see `drawn_ahead`)."""
+    noise, labels = inputs if inputs is not None else draw_seed_inputs(seeds, model.shape, model.label_dim)
     if labels is not None and class_idx is not None:
         labels[:] = class_idx
     conditioning = getattr(model, 'warmup_conditioning', model.conditioning) if warmup else model.conditioning
     denoise = model.bind(**conditioning(seeds, labels))
     return noise.to(device=device, dtype=torch.float32), denoise
+
+
+def drawn_ahead(batches, shape, label_dim, executor):
+    """(seeds, `draw_seed_inputs`) for each batch (a non-empty list of seeds), the next batch's
+    drawn on `executor` while the caller works on the current one: on a GPU the host would
+    otherwise draw them (for 256 images of 3x256x256, 50 M normals) while the device waits. The
+    inputs of a seed stay its own."""
+    pending = executor.submit(draw_seed_inputs, batches[0], shape, label_dim) if batches else None
+    for k, seeds in enumerate(batches):
+        inputs = pending.result()
+        if k + 1 < len(batches):
+            pending = executor.submit(draw_seed_inputs, batches[k + 1], shape, label_dim)
+        yield seeds, inputs
