@@ -8,7 +8,8 @@ to bottom:
    schedule type, keeping every point x_i and its raw slope d_i = (x_i - D(x_i; t_i)) / t_i
    (`run_teachers`);
 2. every coarse step i -> j is priced by one Euler step from the teacher point,
-   xhat = x_i + (t_j - t_i) d_i, against the teacher point x_j (`trajectory_costs`);
+   xhat = x_i + (t_j - t_i) d_i, against the teacher point x_j (`trajectory_costs`; where a CPU
+   core is idle, a round's matrices are computed while the next round's teacher runs);
 3. dynamic programming picks the cheapest path of K = num_steps - 1 steps (`dp`); one cost
    matrix gives the best path for every K (`dp_all`);
 4. with afs, each teacher point strictly between the first two chosen ones is tried as a free
@@ -23,7 +24,9 @@ Everything is per trajectory in float64 and reduced in warm-up-index order, so t
 the same bit for bit whatever the batch size or number of processes.
 """
 
+import concurrent.futures
 import math
+import os
 import time
 
 import torch
@@ -42,15 +45,25 @@ class TeacherRound:
     """One warm-up round and its teacher run: points xs [N, B, ...], raw slopes ds and denoiser
     outputs dens [N-1, B, ...] at the teacher points (the teacher's own calls, no extra
     evaluation; none is needed at the last point). `first` numbers the round's trajectories
-    globally, so that reductions can follow the warm-up index whatever the split."""
+    globally, so that reductions can follow the warm-up index whatever the split. `pending`: cost
+    matrices that `run_teachers` started, by (metric, teacher grid)."""
 
     def __init__(self, first, denoise, latents, xs, ds, dens):
         self.first, self.denoise, self.latents = first, denoise, latents
         self.xs, self.ds, self.dens = xs, ds, dens
+        self.pending = {}
 
     @property
     def size(self):
         return self.xs.shape[1]
+
+    def costs(self, t_tea, metric):
+        """(`trajectory_costs` of this round, seconds they took on a helper thread): the ones
+        `run_teachers` started (waiting for them), else computed now (0 seconds)."""
+        pending = self.pending.pop(_cost_key(t_tea, metric), None)
+        if pending is not None:
+            return pending.result()
+        return trajectory_costs(self.xs, self.ds, t_tea, metric), 0.0
 
 
 def teacher_run(denoise, latents, t_tea, solver_tea='ipndm', afs=False, compat=None, **options):
@@ -83,16 +96,54 @@ def teacher_trajectory(denoise, latents, t_tea, solver_tea='ipndm', **options):
     return xs, ds, rec.calls
 
 
-def run_teachers(rounds, t_tea, solver_tea='ipndm', afs=False, compat=None, **options):
+def spare_core(device):
+    """Does a CPU core sit idle beside torch's own threads (and beside the other processes that
+    torchrun started on this machine)? Only then does work on a helper thread run beside the main
+    thread's instead of taking turns with it: on 2 cores, `gmm`'s cost matrices beside a one-thread
+    teacher left it as fast, beside a two-thread one they slowed it by a quarter. Not on an
+    accelerator (unmeasured there, and the matrices are cheap on one)."""
+    if torch.device(device).type != 'cpu':
+        return False
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else (os.cpu_count() or 1)
+    return torch.get_num_threads() < cores // max(1, int(os.environ.get('LOCAL_WORLD_SIZE', '1')))
+
+
+def _cost_key(t_tea, metric):
+    return metric, tuple(float(t) for t in t_tea)
+
+
+def _timed_costs(xs, ds, t_tea, metric):
+    t0 = time.perf_counter()
+    with torch.no_grad():                     # grad mode is per thread
+        costs = trajectory_costs(xs, ds, t_tea, metric)
+    return costs, time.perf_counter() - t0
+
+
+def run_teachers(rounds, t_tea, solver_tea='ipndm', afs=False, compat=None, metric=None, overlap=None, **options):
     """Teacher runs for every warm-up round (first_index, denoise, latents). Returns
-    ([TeacherRound], denoiser calls on this rank, evaluations (batch rows) on this rank)."""
+    ([TeacherRound], denoiser calls on this rank, evaluations (batch rows) on this rank). With
+    `metric` and `overlap` (None: where a core is idle, `spare_core`), each round's cost matrices
+    start on a helper thread as soon as its teacher has run, so that they are computed while the
+    next round's teacher runs, and `TeacherRound.costs` waits for them; only the last round's are
+    left for after the teachers. They are the same numbers either way (each trajectory's costs are
+    its own, whatever the thread)."""
     data, calls, evals = [], 0, 0
-    for first, denoise, latents in rounds:
-        with torch.no_grad():
-            xs, ds, dens, rec = teacher_run(denoise, latents, t_tea, solver_tea, afs, compat, **options)
-        data.append(TeacherRound(first, denoise, latents, xs, ds, dens))
-        calls += rec.calls
-        evals += rec.evals
+    if overlap is None:
+        overlap = metric is not None and bool(rounds) and spare_core(rounds[0][2].device)
+    helper = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix='gits-costs') if overlap else None
+    try:
+        for first, denoise, latents in rounds:
+            with torch.no_grad():
+                xs, ds, dens, rec = teacher_run(denoise, latents, t_tea, solver_tea, afs, compat, **options)
+            rnd = TeacherRound(first, denoise, latents, xs, ds, dens)
+            if helper is not None:
+                rnd.pending[_cost_key(t_tea, metric)] = helper.submit(_timed_costs, xs, ds, t_tea, metric)
+            data.append(rnd)
+            calls += rec.calls
+            evals += rec.evals
+    finally:
+        if helper is not None:
+            helper.shutdown(wait=False)       # what was submitted still runs
     return data, calls, evals
 
 
@@ -378,18 +429,23 @@ def afs_free_step(data, t_tea, path, solver, options, compat=None):
 
 def gits_paths(data, t_tea, wanted, metric='dev', coeff=1.15, timing=None):
     """Steps 2 and 3: the Euler-step cost matrix, averaged over all trajectories in warm-up-index
-    order, then the DP. Returns {num_steps: path} for every num_steps in `wanted`."""
+    order, then the DP. Returns {num_steps: path} for every num_steps in `wanted`. timing: 'cost'
+    is the wall time spent here on the matrices (with the wait for those started by
+    `run_teachers`), 'cost_helper' the time those took on the helper thread."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
-    per_traj = []
+    per_traj, helper = [], 0.0
     for rnd in data:
-        costs = trajectory_costs(rnd.xs, rnd.ds, t_tea, metric)
+        costs, seconds = rnd.costs(t_tea, metric)
+        helper += seconds
         per_traj.extend((rnd.first + b, costs[b]) for b in range(costs.shape[0]))
     cost = dist.gather_in_order(per_traj).mean(0)
     t1 = time.perf_counter()
     paths = dp_all(cost, coeff, max(wanted) - 1)
     timing['cost'] = timing.get('cost', 0.0) + t1 - t0
     timing['dp'] = timing.get('dp', 0.0) + time.perf_counter() - t1
+    if helper:
+        timing['cost_helper'] = timing.get('cost_helper', 0.0) + helper
     return {n: paths[n - 1] for n in wanted}
 
 
@@ -428,7 +484,8 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
     teacher_afs = bool(afs) and TEACHER_AFS[compat]
     timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0)
     t0 = time.perf_counter()
-    data, teacher_calls, teacher_evals = run_teachers(rounds, t_tea, solver_tea, teacher_afs, compat, **teacher_options)
+    data, teacher_calls, teacher_evals = run_teachers(rounds, t_tea, solver_tea, teacher_afs, compat, metric=metric,
+                                                      **teacher_options)
     timing['teacher'] = time.perf_counter() - t0
     paths = gits_paths(data, t_tea, wanted, metric, coeff, timing)
     schedules, afs_evals = {}, 0

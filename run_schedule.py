@@ -173,7 +173,8 @@ def check_rounds(model, opts, device):
 
 
 STAGE_NAMES = dict(teacher='teacher', cost='cost matrix', dp='DP', afs='afs free step', student='solver-aware DP',
-                   check='check-set teacher', refine='refinement')
+                   check='check-set teacher', refine='refinement',
+                   cost_helper='cost matrix on a helper thread (beside the teacher, but the last round)')
 
 
 def search_for_sampling(model, opts, sigma_min, sigma_max, device):

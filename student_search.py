@@ -494,7 +494,8 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     options, teacher_options = gits.search_options(solver, solver_tea, options, num_steps_tea=num_steps_tea)
     timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0, student=0.0, check=0.0, refine=0.0)
     t0 = time.perf_counter()
-    data, teacher_calls, teacher_evals = gits.run_teachers(rounds, t_tea, solver_tea, **teacher_options)
+    data, teacher_calls, teacher_evals = gits.run_teachers(rounds, t_tea, solver_tea, metric=metric if refine else None,
+                                                           **teacher_options)
     timing['teacher'] = time.perf_counter() - t0
     total_teacher = dist.sum_over_ranks(teacher_evals)
     num_warmup = dist.sum_over_ranks(sum(r.size for r in data))

@@ -4,15 +4,17 @@
     python benchmarks/search_cost.py --datasets=gmm --repeats=5 --metric=l2
 
 The search of `sample.py --dp=True` at its defaults: --num_warmup 256 warm-up seeds (drawn by
-`run_schedule.warmup_rounds`, in batches of --batch 64), an iPNDM teacher over 61 polynomial points, metric
-dev, coeff 1.15. `gits.search_rounds` runs two stages for it, timed here one by one: the teacher
-run (`gits.run_teachers`) and the paper's search on its trajectories (`gits.gits_paths`: cost
-matrices, their average in warm-up order, DP). Reported per model, medians over --repeats runs in
-this process, in wall time and in process CPU time: teacher, cost matrix, DP, and
-search / teacher = (teacher + cost + DP) / teacher. The CPU-time ratio is the figure to quote on a
-shared machine, where other processes stretch wall times unevenly. One thread by default: with
-more threads than idle cores, OpenMP's barriers make the wall time of small tensor operations
-depend on the other load. Writes benchmarks/results/search_cost.json.
+`run_schedule.warmup_rounds`, in batches of --batch 64), an iPNDM teacher over 61 polynomial
+points, metric dev, coeff 1.15. Each repeat runs, on the same warm-up noise, the teacher alone
+(`gits.run_teachers`), the search as `gits.search_rounds` runs it (the teachers with each round's
+cost matrices started on a helper thread where a core is idle, `gits.spare_core`;
+--overlap=False: none; then `gits.gits_paths`: the wait for the last matrices, their average in
+warm-up order, the DP), and the teacher alone again, timed as the mean of its two runs. Reported
+per model, medians over --repeats: wall and process CPU seconds of both, the matrices' own time,
+and search / teacher alone in wall time (the goal) and in CPU time (the work added, helper
+thread included). One thread by default, which leaves the second core of a 2-core machine to the
+helper; with more threads than idle cores, OpenMP's barriers make the wall time of small tensor
+operations depend on the other load. Writes benchmarks/results/search_cost.json.
 """
 
 import os
@@ -38,18 +40,38 @@ def clocks():
     return time.perf_counter(), time.process_time()
 
 
+def timed(run):
+    w0, c0 = clocks()
+    out = run()
+    w1, c1 = clocks()
+    return out, w1 - w0, c1 - c0
+
+
 def one_search(model, opts):
-    """Wall and CPU seconds of the teacher and of the search on its trajectories, and the schedule."""
+    """One repeat: the teacher alone, the search as sample.py runs it (the teacher with the cost
+    matrices started beside it, then their wait, average and DP), and the teacher alone again; the
+    teacher's time is the mean of its two runs, so that a drift of the machine's speed over the
+    repeat cancels. Wall and CPU seconds, and the schedule."""
     rounds = run_schedule.warmup_rounds(model, opts, model.device)
     t_tea = solver_utils.get_schedule(opts.num_steps_tea, model.sigma_min, model.sigma_max, 'polynomial', 7.0)
-    w0, c0 = clocks()
-    data, _, _ = gits.run_teachers(rounds, t_tea, opts.solver_tea)
-    w1, c1 = clocks()
     split = {}
-    paths = gits.gits_paths(data, t_tea, [opts.num_steps], opts.metric, opts.coeff, split)
-    w2, c2 = clocks()
-    return dict(teacher=w1 - w0, cost=split['cost'], dp=split['dp'], search=w2 - w1,
-                teacher_cpu=c1 - c0, search_cpu=c2 - c1), [float(t) for t in t_tea[paths[opts.num_steps]]]
+
+    def teacher():
+        gits.run_teachers(rounds, t_tea, opts.solver_tea)     # its trajectories are let go at once: held,
+        # they would make the next run page-fault fresh memory (measured: 1.5x slower)
+
+    def search():
+        data, _, _ = gits.run_teachers(rounds, t_tea, opts.solver_tea, metric=opts.metric,
+                                       overlap=None if opts.overlap else False)
+        return gits.gits_paths(data, t_tea, [opts.num_steps], opts.metric, opts.coeff, split)
+
+    _, tw0, tc0 = timed(teacher)
+    paths, sw, sc = timed(search)
+    _, tw1, tc1 = timed(teacher)
+    tw, tc = (tw0 + tw1) / 2, (tc0 + tc1) / 2
+    return dict(teacher=tw, search=sw, cost=split['cost'], cost_helper=split.get('cost_helper', 0.0), dp=split['dp'],
+                teacher_cpu=tc, search_cpu=sc, ratio=sw / tw, ratio_cpu=sc / tc), \
+        [float(t) for t in t_tea[paths[opts.num_steps]]]
 
 
 def measure(name, opts):
@@ -58,16 +80,17 @@ def measure(name, opts):
     if any(s != schedules[0] for s in schedules):
         raise RuntimeError(f'{name}: the searched schedule changed between repeats')
     med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-    ratio = statistics.median((r['teacher'] + r['search']) / r['teacher'] for r in runs)
-    ratio_cpu = statistics.median((r['teacher_cpu'] + r['search_cpu']) / r['teacher_cpu'] for r in runs)
-    ratios = [(r['teacher'] + r['search']) / r['teacher'] for r in runs]
-    res = dict(seconds=med, runs=list(runs), ratio_wall=ratio, ratio_cpu=ratio_cpu,
+    ratios = [r['ratio'] for r in runs]
+    res = dict(seconds=med, runs=list(runs), ratio_wall=med['ratio'], ratio_cpu=med['ratio_cpu'],
                ratio_range=[min(ratios), max(ratios)], t_steps=schedules[0])
     teachers = [r['teacher'] for r in runs]
-    print(f'[{name}] teacher {med["teacher"]:.3f}s ({med["teacher_cpu"]:.3f}s CPU; '
-          f'runs {min(teachers):.2f}-{max(teachers):.2f}s), cost matrix {med["cost"]:.3f}s, DP {med["dp"]:.4f}s, '
-          f'cost + DP {med["search"]:.3f}s ({med["search_cpu"]:.3f}s CPU); search / teacher: {ratio:.3f} wall '
-          f'(runs {min(ratios):.3f}-{max(ratios):.3f}), {ratio_cpu:.3f} CPU (median of {opts.repeats})', flush=True)
+    where = (f'{med["cost_helper"]:.3f}s on the helper thread, {med["cost"]:.3f}s waited for' if med['cost_helper']
+             else f'{med["cost"]:.3f}s after the teacher')
+    print(f'[{name}] teacher alone {med["teacher"]:.3f}s ({med["teacher_cpu"]:.3f}s CPU; runs '
+          f'{min(teachers):.2f}-{max(teachers):.2f}s); search {med["search"]:.3f}s ({med["search_cpu"]:.3f}s CPU): '
+          f'cost matrix {where}, DP {med["dp"]:.4f}s; search / teacher: {med["ratio"]:.3f} wall '
+          f'(runs {min(ratios):.3f}-{max(ratios):.3f}), {med["ratio_cpu"]:.3f} CPU (median of {opts.repeats})',
+          flush=True)
     return res
 
 
@@ -83,6 +106,8 @@ def measure(name, opts):
 @click.option('--warmup_seed', type=int, default=1_000_000_000, show_default=True)
 @click.option('--repeats', type=click.IntRange(min=1), default=3, show_default=True)
 @click.option('--threads', type=click.IntRange(min=1), default=1, show_default=True)
+@click.option('--overlap', type=bool, default=True, show_default=True,
+              help='Start the cost matrices beside the teacher where a core is idle (False: after it)')
 @click.option('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'search_cost.json'),
               show_default=True)
 def main(datasets, **kw):

@@ -4,6 +4,7 @@
 import itertools
 import json
 import math
+import threading
 
 import pytest
 import torch
@@ -105,6 +106,52 @@ def test_cost_matrix_does_not_depend_on_the_thread_count(request, name, num):
     for one, two in zip(costs[1], costs[2]):
         assert torch.equal(one, two)
     assert torch.isfinite(costs[1][0][:, 0, 1:]).all()
+
+
+def test_cost_matrices_are_computed_beside_the_next_teacher(digits, monkeypatch):
+    """With overlap, round 0's matrices run on the helper thread while round 1's teacher runs (its
+    first call waits until they have started: without overlap it would wait in vain), and the
+    search finds the same matrices and schedule as without."""
+    lat = torch.randn(6, *digits.shape, generator=torch.Generator().manual_seed(3))
+    t_tea = solver_utils.get_schedule(15, 0.002, 80)
+    started, seen = threading.Event(), []
+    original = gits._timed_costs
+
+    def timed_costs(xs, ds, t, metric):
+        started.set()
+        return original(xs, ds, t, metric)
+
+    def second_round(x, sigma):
+        if not seen:
+            seen.append(started.wait(timeout=20))
+        return digits.denoise(x, sigma)
+
+    monkeypatch.setattr(gits, '_timed_costs', timed_costs)
+    rounds = [(0, digits.denoise, lat[:3]), (3, second_round, lat[3:])]
+    data, _, _ = gits.run_teachers(rounds, t_tea, 'ipndm', metric='dev', overlap=True)
+    assert seen == [True]
+    timing = {}
+    paths = gits.gits_paths(data, t_tea, [4, 6], 'dev', timing=timing)
+    assert timing['cost_helper'] > 0 and not any(r.pending for r in data)
+    alone, _, _ = gits.run_teachers(rounds, t_tea, 'ipndm', metric='dev', overlap=False)
+    assert not any(r.pending for r in alone)
+    for mine, theirs in zip(data, alone):
+        assert torch.equal(mine.xs, theirs.xs)
+        assert torch.equal(mine.costs(t_tea, 'dev')[0], gits.trajectory_costs(theirs.xs, theirs.ds, t_tea, 'dev'))
+    assert gits.gits_paths(alone, t_tea, [4, 6], 'dev') == paths
+
+
+def test_cost_matrices_overlap_only_beside_an_idle_core(monkeypatch):
+    monkeypatch.setattr(gits.os, 'sched_getaffinity', lambda pid: {0, 1, 2, 3}, raising=False)
+    monkeypatch.delenv('LOCAL_WORLD_SIZE', raising=False)
+    for threads, spare in ((1, True), (3, True), (4, False), (5, False)):
+        monkeypatch.setattr(gits.torch, 'get_num_threads', lambda: threads)
+        assert gits.spare_core('cpu') is spare
+    monkeypatch.setattr(gits.torch, 'get_num_threads', lambda: 1)
+    assert gits.spare_core('meta') is False
+    for processes, spare in ((2, True), (4, False)):      # torchrun's processes on this machine, one thread each
+        monkeypatch.setenv('LOCAL_WORLD_SIZE', str(processes))
+        assert gits.spare_core('cpu') is spare
 
 
 def test_search_is_deterministic_and_batch_invariant(digits):
