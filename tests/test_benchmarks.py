@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from helpers import run_cli
+from helpers import assert_one_line_error, run_cli
 
 
 def test_gits_benchmark_small_run(tmp_path):
@@ -55,6 +55,9 @@ def test_search_cost_benchmark_small_run(tmp_path):
     assert (results[True]['seconds']['cost_helper'] > 0) == spare
     assert results[False]['seconds']['cost_helper'] == 0
     assert results[True]['t_steps'] == results[False]['t_steps']
+    bad = tmp_path / 'bad.json'
+    assert_one_line_error(run_cli('benchmarks/search_cost.py', '--overlap=maybe', f'--out={bad}'), '--overlap')
+    assert not bad.exists()
 
 
 def test_compat_benchmark_small_run(tmp_path):
