@@ -46,7 +46,7 @@ from dnnlib.util import UserError   # noqa: E402
 from torch_utils import misc   # noqa: E402
 from torch_utils.seeds import split_batches   # noqa: E402
 
-# network_kwargs of edm-cifar10-32x32-uncond-vp.pkl (../shared/specs/edm-cifar10-32x32-uncond-vp.json;
+# network_kwargs of edm-cifar10-32x32-uncond-vp.pkl (tests/data/specs/edm-cifar10-32x32-uncond-vp.json;
 # tests/test_trajectory.py checks the copy), kept here so the benchmark runs without the specs.
 CIFAR10_KWARGS = dict(
     class_name='training.networks.EDMPrecond', img_resolution=32, img_channels=3, label_dim=0,

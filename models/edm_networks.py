@@ -1,7 +1,7 @@
 """The network classes of NVlabs' EDM (`training/networks.py`), written for this project.
 
 Parameter and buffer names, shapes and the forward arithmetic follow the released checkpoints
-(see ../shared/specs/edm-*.json and the golden files), so a state dict of a real checkpoint loads
+(see tests/data/specs/edm-*.json and the golden files), so a state dict of a real checkpoint loads
 into these classes and gives the same outputs. Every class is a persistent class: a pickle of an
 instance embeds this file's source, exactly as EDM's pickles embed theirs, which is how the tests
 build checkpoints in the released on-disk format.

@@ -6,8 +6,9 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
-SHARED = os.path.join(os.path.dirname(ROOT), 'shared')
-SPECS = os.path.join(SHARED, 'specs')
+# Checkpoint specs and golden outputs: a copy of the project's shared specs kept in the repository
+# (tests/README.md says where it comes from and how to refresh it). Nothing outside ROOT is read.
+SPECS = os.path.join(ROOT, 'tests', 'data', 'specs')
 
 torch.set_num_threads(min(2, os.cpu_count() or 1))
 

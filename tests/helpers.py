@@ -75,7 +75,7 @@ def assert_one_line_error(result, flag):
 
 
 # ----------------------------------------------------------------------------------------------
-# Golden files and full-size specs (../shared/specs).
+# Golden files and full-size specs (tests/data/specs).
 
 def load_golden(name):
     return torch.load(os.path.join(SPECS, 'golden', f'{name}.pt'), weights_only=True)
