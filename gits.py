@@ -37,6 +37,14 @@ from torch_utils import distributed as dist
 
 METRICS = ('dev', 'l1', 'l2')
 
+# The method's defaults, defined here once; every command line and function reads these.
+METRIC = 'dev'
+COEFF = 1.15                  # the paper's DP coefficient (ms_coco uses 1.20)
+SOLVER_TEA = 'ipndm'
+NUM_STEPS_TEA = 61            # the README's value (the paper's code defaulted to 21 by mistake)
+NUM_WARMUP = 256
+WARMUP_SEED = 1_000_000_000   # first warm-up seed: far from the sampling seeds
+
 
 # ----------------------------------------------------------------------------------------------
 # 1. Teacher trajectories.
@@ -66,7 +74,7 @@ class TeacherRound:
         return trajectory_costs(self.xs, self.ds, t_tea, metric), 0.0
 
 
-def teacher_run(denoise, latents, t_tea, solver_tea='ipndm', afs=False, compat=None, **options):
+def teacher_run(denoise, latents, t_tea, solver_tea=SOLVER_TEA, afs=False, compat=None, **options):
     """The teacher on `latents` (standard normal; it starts at latents * t_tea[0]). Returns
     (xs, ds, dens, recorder): the recorder counts the denoiser calls and evaluations spent. With
     afs (only the official search, compat) the teacher's first slope is the analytical one, and
@@ -89,7 +97,7 @@ def teacher_run(denoise, latents, t_tea, solver_tea='ipndm', afs=False, compat=N
     return xs, torch.stack(ds), torch.stack(dens), rec
 
 
-def teacher_trajectory(denoise, latents, t_tea, solver_tea='ipndm', **options):
+def teacher_trajectory(denoise, latents, t_tea, solver_tea=SOLVER_TEA, **options):
     """Teacher points xs [N, B, ...], raw slopes ds [N-1, B, ...] and the number of denoiser
     calls."""
     xs, ds, _, rec = teacher_run(denoise, latents, t_tea, solver_tea, **options)
@@ -119,7 +127,7 @@ def _timed_costs(xs, ds, t_tea, metric):
     return costs, time.perf_counter() - t0
 
 
-def run_teachers(rounds, t_tea, solver_tea='ipndm', afs=False, compat=None, metric=None, overlap=None, **options):
+def run_teachers(rounds, t_tea, solver_tea=SOLVER_TEA, afs=False, compat=None, metric=None, overlap=None, **options):
     """Teacher runs for every warm-up round (first_index, denoise, latents). Returns
     ([TeacherRound], denoiser calls on this rank, evaluations (batch rows) on this rank). With
     `metric` and `overlap` (None: where a core is idle, `spare_core`), each round's cost matrices
@@ -307,7 +315,7 @@ def trajectory_costs(xs, ds, t_tea, metric='dev'):
 # ----------------------------------------------------------------------------------------------
 # 3. Dynamic programming.
 
-def dp_all(cost, coeff=1.15, max_steps=None):
+def dp_all(cost, coeff=COEFF, max_steps=None):
     """Best paths from index 0 to N-1 for every number of steps K = 1..max_steps.
 
     Path cost = sum_k coeff^k * C[p_k, p_k+1] (the recursion V[i][k] = min_m C[i][m] +
@@ -342,7 +350,7 @@ def dp_all(cost, coeff=1.15, max_steps=None):
     return paths
 
 
-def dp(cost, num_steps, coeff=1.15):
+def dp(cost, num_steps, coeff=COEFF):
     """Indices (into the teacher grid) of the best `num_steps`-point schedule."""
     k = int(num_steps) - 1
     paths = dp_all(cost, coeff, k)
@@ -427,7 +435,7 @@ def afs_free_step(data, t_tea, path, solver, options, compat=None):
 # ----------------------------------------------------------------------------------------------
 # 5. The search over warm-up rounds.
 
-def gits_paths(data, t_tea, wanted, metric='dev', coeff=1.15, timing=None):
+def gits_paths(data, t_tea, wanted, metric=METRIC, coeff=COEFF, timing=None):
     """Steps 2 and 3: the Euler-step cost matrix, averaged over all trajectories in warm-up-index
     order, then the DP. Returns {num_steps: path} for every num_steps in `wanted`. timing: 'cost'
     is the wall time spent here on the matrices (with the wait for those started by
@@ -462,7 +470,7 @@ TEACHER_AFS = {None: False, 'gits-main': True}   # does the teacher take the ana
 
 
 def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
-                  solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False, solver=None,
+                  solver_tea=SOLVER_TEA, num_steps_tea=NUM_STEPS_TEA, metric=METRIC, coeff=COEFF, afs=False, solver=None,
                   model=None, all_num_steps=None, compat=None, denoise_to_zero=False, **options):
     """The paper's search over warm-up `rounds`: a list of (first_index, denoise, latents) with
     latents standard normal; first_index numbers the round's trajectories globally (for

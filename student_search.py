@@ -129,7 +129,7 @@ def price_step(rnd, t_tea, path, j, solver, options, afs=False):
     return misc.per_seed_rmse(out, rnd.xs[j]), forced.evals
 
 
-def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=1.15, grid=21, subset=STUDENT_SUBSET,
+def student_dp(data, t_tea, max_steps, solver, options, afs=False, coeff=gits.COEFF, grid=21, subset=STUDENT_SUBSET,
                timing=None):
     """Forward DP over (teacher index, steps taken) on the candidate grid; each state keeps its
     best path, which is the history its next step is priced with. Path value = sum_k coeff^k *
@@ -465,7 +465,7 @@ def refinement_check(check_rounds, t_tea, solver_tea, teacher_options, teacher_e
 
 
 def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, schedule_type='polynomial',
-                  schedule_rho=7.0, solver_tea='ipndm', num_steps_tea=61, metric='dev', coeff=1.15, afs=False,
+                  schedule_rho=7.0, solver_tea=gits.SOLVER_TEA, num_steps_tea=gits.NUM_STEPS_TEA, metric=gits.METRIC, coeff=gits.COEFF, afs=False,
                   solver=None, model=None, all_num_steps=None, search='gits', refine=False, refine_budget=REFINE_BUDGET,
                   student_grid=21, compat=None, denoise_to_zero=False, **options):
     """gits.search_rounds with the solver-aware search and refinement. search='gits': the paper's
