@@ -1,12 +1,13 @@
 """Where a sample.py run gets its t_steps: an explicit --t_steps, a --schedule_file written by an
 earlier search, a GITS search on warm-up seeds (--dp, with the options of student_search.py), or a
-named schedule (--schedule_type). Also the GITS flag checks and the schedule files.
+named schedule (--schedule_type). Also the schedule files. Every function reads the frozen
+options.Options record of the run.
 """
 
 import hashlib
 import json
-import math
 import os
+import sys
 
 import torch
 
@@ -14,6 +15,7 @@ import dnnlib
 import gits
 import schedule_io
 import solver_utils
+import solvers
 import student_search
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
@@ -30,10 +32,22 @@ def build_schedule(opts, model, device):
         return search_for_sampling(model, opts, sigma_min, sigma_max, device)
     try:
         t = solver_utils.get_schedule(opts.num_steps, sigma_min, sigma_max, opts.schedule_type,
-                                      opts.schedule_rho, model=model, compat=opts.get('compat'))
+                                      opts.schedule_rho, model=model, compat=opts.compat)
     except ValueError as e:
         raise UserError(str(e)) from None
     return t, None
+
+
+RANGE_TOLERANCE = 1e-6      # relative: a float32 copy of the model's own end points is inside
+
+
+def warn_outside_model_range(t_steps, model):
+    """One warning line (stderr, rank 0) where the schedule leaves the noise levels the model was
+    trained on: a pasted list, a schedule file or a preset made for another model."""
+    hi, lo = float(t_steps[0]), float(t_steps[-1])
+    if hi > model.sigma_max * (1 + RANGE_TOLERANCE) or lo < model.sigma_min * (1 - RANGE_TOLERANCE):
+        dist.print0(f'Warning: the schedule runs from sigma {hi:g} to {lo:g}, outside the model\'s range '
+                    f'[{model.sigma_min:g}, {model.sigma_max:g}]; the model was not trained there', file=sys.stderr)
 
 
 def expected_points(opts):
@@ -42,7 +56,7 @@ def expected_points(opts):
     afs teacher (--compat) mostly leaves none, gits.py section 4)."""
     if opts.t_steps_list is not None:
         return len(opts.t_steps_list)
-    return opts.num_steps + int(bool(opts.dp and opts.afs and opts.get('compat') is None))
+    return opts.num_steps + int(bool(opts.dp and opts.afs and opts.compat is None))
 
 
 def schedule_tag(opts):
@@ -60,13 +74,12 @@ def schedule_tag(opts):
         base += f'-rho{opts.schedule_rho:g}'
     if not opts.dp:
         return base
-    tag = 'gits' + ('-student' if opts.get('search') == 'student' else '') + ('-refined' if opts.get('refine') else '')
+    tag = 'gits' + ('-student' if opts.search == 'student' else '') + ('-refined' if opts.refine else '')
     return tag if base == 'polynomial' else f'{tag}-{base}'
 
 
 # ----------------------------------------------------------------------------------------------
-# Which flags apply. A flag given where it does not apply is refused in one line that names it and
-# what it needs, never ignored. `given`: the options named on the command line (not defaults).
+# Flag groups (options.RULES says which apply to which run; schedule files record SEARCH_FLAGS).
 
 DEFAULT_RHO = 7.0
 SCHEDULE_FLAGS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
@@ -75,79 +88,9 @@ SEARCH_FLAGS = ('metric', 'coeff', 'num_warmup', 'solver_tea', 'num_steps_tea', 
 SAVE_FLAGS = ('save_schedules', 'save_num_steps')
 SAMPLING_FLAGS = ('seeds', 'outdir', 'grid', 'subdirs', 'denoise_to_zero')
 
-SCHEDULE_RULES = (   # (flags, does it apply to this run?, what they need); also trajectory.py's
-    (SCHEDULE_FLAGS, lambda o: o.t_steps is None,
-     'does not apply with --t_steps (the pasted list is the whole schedule)'),
-    (('schedule_rho',), lambda o: o.schedule_type != 'logsnr',
-     'does not apply to --schedule_type=logsnr (it has no exponent)'),
-)
-RULES = SCHEDULE_RULES + (
-    (SEARCH_FLAGS, lambda o: o.dp or o.schedule_file is not None,
-     'needs --dp=True (it is an option of the GITS search)'),
-    (SAVE_FLAGS, lambda o: o.dp,
-     'needs --dp=True (it saves searched schedules)'),
-    (('refine_budget',), lambda o: bool(o.refine) or not o.dp,
-     'needs --refine=True'),
-    (('save_num_steps',), lambda o: o.save_schedules is not None,
-     'needs --save_schedules=FILE'),
-    (SAMPLING_FLAGS, lambda o: o.save_schedules is None,
-     'does not apply with --save_schedules (that run searches, saves the schedules and exits)'),
-    (('sigma_min', 'sigma_max'), lambda o: o.get('compat') is None,
-     'the official gits-main ignores it (it always takes the model\'s own range), so --compat=gits-main does not '
-     'take it'),
-    (('search',), lambda o: o.get('compat') is None or o.search in (None, 'gits'),
-     'the solver-aware search is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
-    (('refine',), lambda o: o.get('compat') is None or not o.refine,
-     'refinement is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
-)
-
-
-def check_flags(opts, given):
-    """Refuse flags that do not apply; check the GITS values (--dp) and read the schedule file
-    (--schedule_file), all before any model loads. Sets opts.t_steps_list for a schedule file and
-    opts.save_num_steps_list for --save_schedules."""
-    dnnlib.util.refuse_inapplicable(opts, given, RULES)
-    if opts.dp:
-        validate_options(opts)
-    if opts.save_schedules is not None:
-        dnnlib.util.check_writable_file(opts.save_schedules, '--save_schedules')
-    if opts.schedule_file is not None:
-        opts.t_steps_list = schedule_from_file(opts, given)
-
 
 # ----------------------------------------------------------------------------------------------
 # GITS search for sampling.
-
-def validate_options(opts):
-    """Checks of the GITS values that need no model; UserError with one line naming the flag."""
-    if opts.coeff is None or not opts.coeff > 0:
-        raise UserError(f'--coeff: must be positive (got {opts.coeff})')
-    if opts.num_warmup is None or opts.num_warmup < 1:
-        raise UserError(f'--num_warmup: must be at least 1 (got {opts.num_warmup})')
-    if opts.num_steps_tea < opts.num_steps:
-        raise UserError(f'--num_steps_tea: must be at least --num_steps ({opts.num_steps}); got {opts.num_steps_tea}')
-    if opts.metric not in gits.METRICS:
-        raise UserError(f'--metric: must be one of {", ".join(gits.METRICS)}')
-    if opts.get('search') is not None and opts.search not in student_search.SEARCH_MODES:
-        raise UserError(f'--search: must be one of {", ".join(student_search.SEARCH_MODES)} (got "{opts.search}")')
-    budget = opts.get('refine_budget')
-    if budget is not None and not (math.isfinite(budget) and budget > 0):
-        raise UserError(f'--refine_budget: must be a positive multiple of the teacher\'s evaluations (got {budget})')
-    drawn = opts.num_warmup * (1 + (student_search.CHECK_PER_WARMUP if opts.get('refine') else 0))
-    warm = range(opts.warmup_seed, opts.warmup_seed + drawn)        # with --refine, also its check seeds
-    if opts.save_schedules is None and any(s in warm for s in opts.seed_list):
-        kind = 'warm-up and check' if opts.get('refine') else 'warm-up'
-        raise UserError(f'--warmup_seed: {kind} seeds {warm.start}-{warm.stop - 1} overlap --seeds; '
-                        'pick a --warmup_seed outside the sampled seeds')
-    opts.save_num_steps_list = [opts.num_steps]
-    if opts.save_num_steps:
-        try:
-            opts.save_num_steps_list = misc.parse_int_list(opts.save_num_steps)
-        except ValueError as e:
-            raise UserError(f'--save_num_steps: {e}') from None
-        if min(opts.save_num_steps_list) < 2 or max(opts.save_num_steps_list) > opts.num_steps_tea:
-            raise UserError(f'--save_num_steps: values must lie in 2..--num_steps_tea ({opts.num_steps_tea})')
-
 
 def warmup_rounds(model, opts, device, skip=0, count=None):
     """This rank's warm-up rounds: seeds warmup_seed + skip + i for i < count (default
@@ -166,7 +109,7 @@ def warmup_rounds(model, opts, device, skip=0, count=None):
 
 def check_rounds(model, opts, device):
     """This rank's rounds of the refinement's check set (none without --refine)."""
-    if not opts.get('refine'):
+    if not opts.refine:
         return []
     return warmup_rounds(model, opts, device, skip=opts.num_warmup,
                          count=opts.num_warmup * student_search.CHECK_PER_WARMUP)
@@ -177,18 +120,53 @@ STAGE_NAMES = dict(teacher='teacher', cost='cost matrix', dp='DP', afs='afs free
                    cost_helper='cost matrix on a helper thread (beside the teacher, but the last round)')
 
 
+def counting(denoise, bar):
+    """`denoise` counting the batch rows it evaluates into the progress `bar` (tqdm); past the
+    bar's total (if any) it counts on without one."""
+    def fn(x, sigma, *args, **kwargs):
+        out = denoise(x, sigma, *args, **kwargs)
+        if bar.total is not None and bar.n + len(x) > bar.total:
+            bar.total = None        # e.g. past a search's teacher runs: free step, solver-aware DP, refinement
+        bar.update(len(x))
+        return out
+    return fn
+
+
+def counted(rounds, bar):
+    """Warm-up `rounds` whose denoisers count into `bar`."""
+    return [(first, counting(denoise, bar), noise) for first, denoise, noise in rounds]
+
+
+def progress(total, desc):
+    """A progress bar of denoiser evaluations (batch rows), shown by rank 0 only. On stdout, like
+    sampling's and fid.py's: stderr holds nothing but an error's one line, also when the error is
+    found in the middle of a search (e.g. a refinement budget too small for its check set)."""
+    from tqdm import tqdm
+    return tqdm(total=total, desc=desc, unit='eval', file=sys.stdout, disable=dist.get_rank() != 0)
+
+
+def search_progress(opts, rounds):
+    """The search's progress over this rank's denoiser evaluations: its total is the teacher
+    runs' (the bulk of a search); beyond it the bar counts on."""
+    rows = sum(len(noise) for _, _, noise in rounds)
+    return progress(rows * solvers.count_nfe(opts.solver_tea, opts.num_steps_tea, compat=opts.compat,
+                                             **opts.teacher_options), 'GITS search')
+
+
 def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     """Run the search for sample.py; with --save_schedules, write every requested num_steps."""
     all_steps = opts.save_num_steps_list if opts.save_schedules else [opts.num_steps]
+    rounds, checks = warmup_rounds(model, opts, device), check_rounds(model, opts, device)
     try:
-        schedules, info = student_search.search_rounds(
-            warmup_rounds(model, opts, device), check_rounds=check_rounds(model, opts, device),
-            num_steps=opts.num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
-            schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
-            num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
-            solver=opts.solver, model=model, all_num_steps=all_steps, search=opts.get('search') or 'gits',
-            refine=bool(opts.get('refine')), refine_budget=opts.get('refine_budget') or student_search.REFINE_BUDGET,
-            compat=opts.get('compat'), denoise_to_zero=bool(opts.denoise_to_zero), **opts.solver_flags)
+        with search_progress(opts, rounds + checks) as bar:
+            schedules, info = student_search.search_rounds(
+                counted(rounds, bar), check_rounds=counted(checks, bar),
+                num_steps=opts.num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
+                num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
+                solver=opts.solver, model=model, all_num_steps=all_steps, search=opts.search or 'gits',
+                refine=bool(opts.refine), refine_budget=opts.refine_budget or student_search.REFINE_BUDGET,
+                compat=opts.compat, denoise_to_zero=bool(opts.denoise_to_zero), **opts.solver_flags)
     except ValueError as e:
         raise UserError(str(e)) from None
     teacher_text = ', '.join(f'{k}={v}' for k, v in info['teacher_options'].items()) or 'no options'
@@ -232,12 +210,12 @@ def save_schedules(path, schedules, opts, info, sigma_min, sigma_max, model=None
     """The searched schedules, with each one also in diffusers' and ComfyUI's forms (schedule_io)."""
     record = dict(
         format=FILE_FORMAT, dataset_name=opts.dataset_name, solver=opts.solver,
-        solver_options=opts.solver_options, afs=bool(opts.afs), compat=opts.get('compat'),
+        solver_options=opts.solver_options, afs=bool(opts.afs), compat=opts.compat,
         teacher_options=info['teacher_options'], schedule_type=opts.schedule_type,
         schedule_rho=opts.schedule_rho, sigma_min=float(sigma_min), sigma_max=float(sigma_max), metric=opts.metric,
         coeff=opts.coeff, solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, num_warmup=opts.num_warmup,
         warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
-        refine_budget=(opts.get('refine_budget') or student_search.REFINE_BUDGET) if info['refine'] else None,
+        refine_budget=(opts.refine_budget or student_search.REFINE_BUDGET) if info['refine'] else None,
         guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate, class_idx=opts.class_idx,   # provenance
         schedules={str(n): [float(t) for t in ts] for n, ts in sorted(schedules.items())},
         t_steps_text={str(n): solver_utils.format_t_steps(ts) for n, ts in sorted(schedules.items())},
@@ -266,14 +244,14 @@ def read_schedule_file(path):
     return record
 
 
-def schedule_from_file(opts, given):
+def schedule_from_file(opts, solver_options):
     """The schedule (a list) for opts.num_steps from the --schedule_file, after checking that the
-    file was searched for this run: same model, solver, solver options and afs, and the same
-    value of every schedule or search flag the run names."""
+    file was searched for this run: same model, solver, solver options (`solver_options`, resolved)
+    and afs, and the same value of every schedule or search flag the run names (opts.given)."""
     path = opts.schedule_file
     record = read_schedule_file(path)
-    this = dict(dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs), compat=opts.get('compat'),
-                **opts.solver_options)
+    this = dict(dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs), compat=opts.compat,
+                **solver_options)
     recorded = dict(record, **(record.get('solver_options') or {}))
     recorded.setdefault('afs', False)
     recorded.setdefault('compat', None)      # files written before --compat existed
@@ -283,12 +261,12 @@ def schedule_from_file(opts, given):
             raise UserError(f'--{key}: "{path}" was searched with {key}={recorded[key]}, this run has {value}; '
                             f'{fix} or search again')
     for flag in SCHEDULE_FLAGS[1:] + SEARCH_FLAGS:
-        if flag not in given:
+        if flag not in opts.given:
             continue
         if flag not in recorded:
             raise UserError(f'--{flag}: "{path}" does not record {flag}; drop the flag')
-        if recorded[flag] != opts[flag]:
-            raise UserError(f'--{flag}: "{path}" was searched with {flag}={recorded[flag]}, not {opts[flag]}')
+        if recorded[flag] != getattr(opts, flag):
+            raise UserError(f'--{flag}: "{path}" was searched with {flag}={recorded[flag]}, not {getattr(opts, flag)}')
     key = str(opts.num_steps)
     if key not in record['schedules']:
         raise UserError(f'--num_steps: "{path}" holds schedules for num_steps '

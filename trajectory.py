@@ -16,6 +16,7 @@ searched for the same model, solver and number of steps (schedules.png, schedule
 the analytic models (gmm, gmm_wavelet, digits) it can also measure each schedule's true error.
 """
 
+import json
 import os
 
 import click
@@ -25,6 +26,7 @@ import torch
 import dnnlib
 import gits
 import models
+import options as cli_options
 import run_schedule
 import solver_utils
 import solvers
@@ -231,11 +233,39 @@ def solver_options(opts, solver, solver_tea=None):
         raise UserError(str(e)) from None
 
 
-def outdir_for(opts):
-    outdir = opts.outdir or os.path.join('trajectories', opts.dataset_name)
+def outdir_for(opts, command, record_name):
+    """The output folder (default trajectories/<dataset_name>/<command>, so that the two commands
+    never share one), created. A folder whose `record_name` (the command's JSON) another
+    configuration wrote is refused: the figures beside it are that run's."""
+    outdir = opts.outdir or os.path.join('trajectories', opts.dataset_name, command)
     dnnlib.util.check_writable_dir(outdir)
+    check_outputs(outdir, record_name, command_line(opts))
     os.makedirs(outdir, exist_ok=True)
     return outdir
+
+
+def command_line(opts):
+    """The flags that determine a command's outputs (all but where they go and the device), as
+    its JSON records them."""
+    return json.loads(json.dumps({k: v for k, v in opts._asdict().items() if k not in ('outdir', 'device')}))
+
+
+def check_outputs(outdir, record_name, ours):
+    """UserError unless `outdir` holds no `record_name`, or one written with the same flags (a
+    rerun replaces its own outputs)."""
+    path = os.path.join(outdir, record_name)
+    if not os.path.exists(path):
+        return
+    try:
+        with open(path) as f:
+            theirs = json.load(f).get('options')
+    except (OSError, ValueError, AttributeError):
+        theirs = None
+    if theirs != ours:
+        differ = sorted(k for k in ours if not isinstance(theirs, dict) or theirs.get(k) != ours[k])
+        what = f'it differs in {", ".join("--" + k for k in differ)}' if isinstance(theirs, dict) else 'unknown flags'
+        raise UserError(f'--outdir: "{outdir}" holds the {record_name} of another run ({what}); pass another --outdir '
+                        'or remove the folder')
 
 
 def model_options(fn):
@@ -247,7 +277,7 @@ def model_options(fn):
         click.option('--guidance_type', type=click.Choice(list(models.GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond'),
         click.option('--guidance_rate', type=float, default=None, help='Guidance scale'),
         click.option('--prompt', type=str, default=None, help='Prompt for Stable Diffusion'),
-        click.option('--outdir', type=str, default=None, help='Output folder [default: ./trajectories/<dataset_name>]'),
+        click.option('--outdir', type=str, default=None, help='Output folder [default: ./trajectories/<dataset_name>/<command>]'),
         click.option('--max_order', type=int, default=None, help='Order of multistep solvers'),
         click.option('--compat', type=str, default=None, help='gits-main: the official GITS code\'s solvers, schedules and search'),
     ]):
@@ -274,9 +304,9 @@ def main():
 @click.option('--num_plots', type=click.IntRange(min=1), default=4, help='Trajectories drawn in the 3-D figure')
 def analyze(**kwargs):
     """Record trajectories and measure their deviation from a straight line."""
-    opts = dnnlib.EasyDict(kwargs)
+    opts = cli_options.frozen('Analyze', kwargs)
     dnnlib.util.refuse_inapplicable(opts, dnnlib.util.explicit_flags(click.get_current_context()),
-                                    run_schedule.SCHEDULE_RULES)
+                                    cli_options.SCHEDULE_RULES)
     try:
         seeds = misc.parse_int_list(opts.seeds)
     except ValueError as e:
@@ -296,20 +326,24 @@ def analyze(**kwargs):
         raise UserError(str(e)) from None
     if len(t_steps) < 3:
         raise UserError('--t_steps: a trajectory needs at least 3 points')
-    outdir = outdir_for(opts)
+    outdir = outdir_for(opts, 'analyze', 'trajectory.json')
+    run_schedule.warn_outside_model_range(t_steps, model)
 
     xs, dens = [], []
-    for i in range(0, len(seeds), opts.batch):
-        noise, denoise = seed_batch(model, seeds[i:i + opts.batch], device)
-        x, d = record_trajectories(denoise, noise, t_steps, opts.solver, compat=opts.compat, **options)
-        xs.append(x.flatten(2))
-        dens.append(d.flatten(2))
+    per_seed = solvers.count_nfe(opts.solver, len(t_steps), compat=opts.compat, **options) + 1   # + D at the end
+    with run_schedule.progress(len(seeds) * per_seed, 'Trajectories') as bar:
+        for i in range(0, len(seeds), opts.batch):
+            noise, denoise = seed_batch(model, seeds[i:i + opts.batch], device)
+            x, d = record_trajectories(run_schedule.counting(denoise, bar), noise, t_steps, opts.solver,
+                                       compat=opts.compat, **options)
+            xs.append(x.flatten(2))
+            dens.append(d.flatten(2))
     xs, dens = torch.cat(xs, 1), torch.cat(dens, 1)                    # [N, B, D]
     basis, shares = projection_basis(xs)
     result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, compat=opts.compat, seeds=seeds,
                   t_steps=[float(t) for t in t_steps], t_steps_text=solver_utils.format_t_steps(t_steps),
                   sampling=dict(profile_stats(xs), top2_deviation_share=shares),
-                  denoising=profile_stats(dens))
+                  denoising=profile_stats(dens), options=command_line(opts))
     title = f'{opts.dataset_name}: {len(seeds)} trajectories, {opts.solver}, {len(t_steps)} points'
     plot_profiles(os.path.join(outdir, 'profile.png'), t_steps, line_deviation(xs), line_deviation(dens), title)
     plot_3d(os.path.join(outdir, 'traj_3d.png'), xs, dens, basis, title, opts.num_plots)
@@ -347,16 +381,16 @@ def schedule_errors(model, table, solver, options, seeds, device, afs=False, com
 @click.option('--num_steps', type=click.IntRange(min=2), default=7, help='Number of time points')
 @click.option('--schedule_rho', type=float, default=7.0, help='Exponent of polynomial (rho) and GITS base schedule')
 @click.option('--afs', type=BOOL, default=False, help='GITS with afs (a free extra step)')
-@click.option('--num_warmup', type=click.IntRange(min=1), default=256, help='GITS warm-up trajectories')
-@click.option('--solver_tea', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='GITS teacher solver')
-@click.option('--num_steps_tea', type=click.IntRange(min=3), default=61, help='GITS teacher time points')
-@click.option('--coeff', type=float, default=1.15, help='GITS DP coefficient')
-@click.option('--metric', type=click.Choice(['dev', 'l1', 'l2']), default='dev', help='GITS cost metric')
-@click.option('--warmup_seed', type=click.IntRange(min=0), default=1_000_000_000, help='First seed of the warm-up noise')
+@click.option('--num_warmup', type=click.IntRange(min=1), default=gits.NUM_WARMUP, help='GITS warm-up trajectories')
+@click.option('--solver_tea', type=click.Choice(list(solvers.SOLVERS)), default=gits.SOLVER_TEA, help='GITS teacher solver')
+@click.option('--num_steps_tea', type=click.IntRange(min=3), default=gits.NUM_STEPS_TEA, help='GITS teacher time points')
+@click.option('--coeff', type=float, default=gits.COEFF, help='GITS DP coefficient')
+@click.option('--metric', type=click.Choice(list(gits.METRICS)), default=gits.METRIC, help='GITS cost metric')
+@click.option('--warmup_seed', type=click.IntRange(min=0), default=gits.WARMUP_SEED, help='First seed of the warm-up noise')
 @click.option('--error_seeds', type=str, default=None, help='Analytic models: seeds on which to measure each schedule\'s error, e.g. 0-15')
 def schedules(**kwargs):
     """Compare polynomial, logsnr, time_uniform and GITS schedules for one model and NFE."""
-    opts = dnnlib.EasyDict(kwargs)
+    opts = cli_options.frozen('Schedules', kwargs)
     options, teacher_options = solver_options(opts, opts.solver, opts.solver_tea)
     if opts.num_steps_tea < opts.num_steps:
         raise UserError(f'--num_steps_tea: must be at least --num_steps ({opts.num_steps})')
@@ -371,7 +405,7 @@ def schedules(**kwargs):
     model, device = load_model(opts)
     if error_seeds and not hasattr(model, 'exact'):
         raise UserError(f'--error_seeds: only the analytic models ({", ".join(models.ANALYTIC)}) have an exact solution')
-    outdir = outdir_for(opts)
+    outdir = outdir_for(opts, 'schedules', 'schedules.json')
 
     # The compared schedules as the paper runs them: polynomial with rho (EDM's 7), logsnr, and
     # time_uniform uniform in VP time (rho = 1); GITS searches on a polynomial teacher grid.
@@ -380,12 +414,16 @@ def schedules(**kwargs):
                                              compat=opts.compat) for kind, rho in fixed.items()}
     warm = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
     noise, denoise = seed_batch(model, warm, device, warmup=True)
+    teacher_evals = len(warm) * solvers.count_nfe(opts.solver_tea, opts.num_steps_tea, compat=opts.compat,
+                                                  **teacher_options)
     try:
-        table['gits'] = gits.search_schedule(
-            denoise, noise, num_steps=opts.num_steps, sigma_min=model.sigma_min, sigma_max=model.sigma_max,
-            schedule_type='polynomial', schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
-            num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
-            solver=opts.solver, model=model, batch_size=64, compat=opts.compat, max_order=opts.max_order)
+        with run_schedule.progress(teacher_evals, 'GITS search') as bar:
+            table['gits'] = gits.search_schedule(
+                run_schedule.counting(denoise, bar), noise, num_steps=opts.num_steps, sigma_min=model.sigma_min,
+                sigma_max=model.sigma_max, schedule_type='polynomial', schedule_rho=opts.schedule_rho,
+                solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff,
+                afs=bool(opts.afs), solver=opts.solver, model=model, batch_size=64, compat=opts.compat,
+                max_order=opts.max_order)
     except ValueError as e:
         raise UserError(str(e)) from None
     afs = bool(opts.afs)   # without GITS afs saves one evaluation; with GITS it buys a free extra step
@@ -404,7 +442,7 @@ def schedules(**kwargs):
                   solver_tea=opts.solver_tea, coeff=opts.coeff, metric=opts.metric, warmup_seed=opts.warmup_seed,
                   schedules={k: [float(t) for t in v] for k, v in table.items()},
                   t_steps_text={k: solver_utils.format_t_steps(v) for k, v in table.items()},
-                  errors=errors, error_seeds=error_seeds)
+                  errors=errors, error_seeds=error_seeds, options=command_line(opts))
     names = dict(polynomial=f'polynomial (rho={opts.schedule_rho:g})', logsnr='logsnr',
                  time_uniform='time_uniform (rho=1)', gits=f'gits (dp, coeff={opts.coeff:g})')
     labels = {names[k]: v for k, v in table.items()}

@@ -10,6 +10,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
+import options
+import run_record
 import sample
 from conftest import ROOT
 from helpers import assert_one_line_error, listing, run_cli, run_here, torchrun
@@ -96,7 +98,7 @@ def test_subdirs_and_run_record(tmp_path):
     # Resolved values, each once: no null outdir or device, the solver's options at the top level.
     assert record['options']['outdir'] == str(out) and record['options']['device'] == 'cpu'
     assert 'solver_options' in record and 'solver_options' not in record['options']
-    assert set(sample.IDENTITY) <= set(record) and record['subdirs'] is True
+    assert set(run_record.IDENTITY) <= set(record) and record['subdirs'] is True
     assert set(record['given']) == {'dataset_name', 'seeds', 'subdirs', 'outdir', 'solver', 'num_steps'}
 
 
@@ -143,13 +145,13 @@ def test_default_folder_names_never_shared(tmp_path):
     assert sorted(os.listdir(tmp_path / 'samples' / 'digits')) == sorted(n for n, _ in runs.values())
     # The other schedule sources and variants (no sampling needed to name them).
     def name(*args, nfe=6):
-        opts = sample.dnnlib.EasyDict(dict({p.name: p.default for p in sample.main.params}, dataset_name='digits'))
+        kwargs = dict({p.name: p.default for p in sample.main.params if p.expose_value}, dataset_name='digits')
         for a in args:
             key, value = a[2:].split('=', 1)
-            opts[key] = {'True': True, 'False': False}.get(value, value)
-        opts.schedule_rho = float(opts.schedule_rho)
-        opts.t_steps_list = sample.solver_utils.parse_t_steps(opts.t_steps) if opts.t_steps else None
-        return os.path.basename(sample.default_outdir(opts, nfe))
+            kwargs[key] = {'True': True, 'False': False}.get(value, value)
+        kwargs['schedule_rho'] = float(kwargs['schedule_rho'])
+        t_steps_list = sample.solver_utils.parse_t_steps(kwargs['t_steps']) if kwargs['t_steps'] else None
+        return os.path.basename(run_record.default_outdir(options.Options(**kwargs, t_steps_list=t_steps_list), nfe))
     assert name('--schedule_rho=5') == 'ipndm_nfe6_polynomial-rho5'
     assert name('--schedule_type=time_uniform', '--schedule_rho=1') == 'ipndm_nfe6_time_uniform-rho1'
     assert name('--dp=True', '--search=student', '--refine=True') == 'ipndm_nfe6_gits-student-refined'
