@@ -63,7 +63,7 @@ settings() {
 
 MODELS="cifar10 ffhq afhqv2 imagenet64 lsun_bedroom imagenet256 lsun_bedroom_ldm ffhq_ldm ms_coco"
 
-schedule_file() { echo "schedules/$1_gits.json"; }
+schedule_file() { echo "schedules/$1_gits.json"; }   # sample.py --save_schedules creates the folder
 nfe_dir() { echo "samples/$1/gits_nfe$2"; }
 
 # ----------------------------------------------------------------------------------------------
@@ -84,7 +84,6 @@ step_grid() {   # a grid image on a GITS schedule searched for this run
 step_search() {   # search once, keep the schedules for every num_steps of the sweep
     local m=$1 extra=()
     [[ "$m" == ms_coco ]] && extra=(--prompt_file="$COCO_CAPTIONS")
-    mkdir -p schedules
     run torchrun --standalone --nproc_per_node="$NPROC" --master_port="$PORT" \
         sample.py --dataset_name="$m" --batch="${BATCH:-$FID_BATCH}" --num_steps="$NUM_STEPS" $FLAGS $GITS_FLAGS \
         --save_schedules="$(schedule_file "$m")" --save_num_steps="$SWEEP_STEPS" "${extra[@]}"
@@ -112,18 +111,21 @@ step_sweep() {   # NUM_IMAGES samples for every num_steps, on the saved GITS sch
     done
 }
 
+saved_t_steps() {   # the paste-able t_steps for num_steps $2 in schedule file $1 (written by a search)
+    if [[ "${DRY_RUN:-0}" == 1 ]]; then   # only a real run writes the file: a placeholder, nothing read
+        echo "[...num_steps=$2_from_$1...]"; return
+    fi
+    python -c "import json,sys; print(json.load(open(sys.argv[1]))['t_steps_text'][sys.argv[2]])" "$1" "$2" 2>/dev/null
+}
+
 step_tsteps() {   # the same schedule pasted as an explicit --t_steps list (no search at all)
     local m=$1 t seeds extra=()
     seeds=$(grid_seeds "$m")
     [[ "$m" == ms_coco ]] && extra=(--prompt="a photograph of an astronaut riding a horse")
     if [[ "$m" == cifar10 ]]; then
         t="[80,10.9836,3.8811,1.584,0.5666,0.1698,0.002]"   # the GITS README's 6-step iPNDM schedule
-    elif ! t=$(python -c "import json,sys; print(json.load(open(sys.argv[1]))['t_steps_text'][sys.argv[2]])" \
-            "$(schedule_file "$m")" "$NUM_STEPS" 2>/dev/null); then
-        if [[ "${DRY_RUN:-0}" != 1 ]]; then
-            echo "no num_steps=$NUM_STEPS schedule in $(schedule_file "$m"); run: bash launch.sh $m search" >&2; return 1
-        fi
-        t="[...from_$(schedule_file "$m")...]"
+    elif ! t=$(saved_t_steps "$(schedule_file "$m")" "$NUM_STEPS"); then
+        echo "no num_steps=$NUM_STEPS schedule in $(schedule_file "$m"); run: bash launch.sh $m search" >&2; return 1
     fi
     run python sample.py --dataset_name="$m" --batch=64 --seeds="$seeds" --grid=True --t_steps="$t" \
         $(echo $FLAGS | sed -E 's/--schedule_(type|rho)=[^ ]+//g') "${extra[@]}"
@@ -158,7 +160,6 @@ offline() {
     local m=$1 out=samples/$1
     local flags="--solver=ipndm --max_order=4 --schedule_type=polynomial --schedule_rho=7"
     local gits="--dp=True --metric=dev --coeff=1.15 --num_steps_tea=61 --num_warmup=64"
-    mkdir -p schedules
     # Grid of 64 samples, polynomial schedule vs GITS schedule (6 NFE).
     run python sample.py --dataset_name="$m" --seeds=0-63 --grid=True --num_steps=7 $flags --outdir="$out/poly_nfe6"
     run python sample.py --dataset_name="$m" --seeds=0-63 --grid=True --num_steps=7 $flags $gits --outdir="$out/gits_nfe6"
@@ -169,7 +170,7 @@ offline() {
         --seeds=0-999 --batch=250 --num_steps=6 $flags --schedule_file="schedules/${m}_gits.json" --outdir="$out/gits_nfe5"
     # The same NFE-5 schedule pasted as --t_steps.
     local t
-    t=$(python -c "import json; print(json.load(open('schedules/${m}_gits.json'))['t_steps_text']['6'])")
+    t=$(saved_t_steps "schedules/${m}_gits.json" 6)
     run python sample.py --dataset_name="$m" --seeds=0-63 --grid=True --solver=ipndm --max_order=4 --t_steps="$t" \
         --outdir="$out/tsteps_nfe5"
     # Trajectory regularity (figures + JSON) and the schedule comparison with true errors.
