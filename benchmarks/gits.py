@@ -128,7 +128,7 @@ def student_found(ctx, points, solver, options, afs):
     num_steps, so that its evaluations are the ones sample.py reports:
     (path or None, evaluations, seconds)."""
     t0 = time.perf_counter()
-    paths, evals = student_search.student_dp(ctx.data, ctx.t_tea, points - 1, solver, options, afs, 1.15,
+    paths, evals = student_search.student_dp(ctx.data, ctx.t_tea, points - 1, solver, options, afs, gits.COEFF,
                                              grid=ctx.opts.student_grid)
     return paths.get(points), evals, time.perf_counter() - t0
 
@@ -201,7 +201,7 @@ def run_dataset(name, opts):
     ctx.check, _, ctx.check_evals = gits.run_teachers([(0, model.denoise, held)], ctx.t_tea, opts.solver_tea)
     teacher_err = stats(held_out(model, ctx.latents, ctx.ref, ctx.t_tea, opts.solver_tea, {}, False))
     max_points = max(layout(s, n)[0] for s in opts.solver_list for n in opts.nfe_list)
-    ctx.gits_paths = gits.gits_paths(ctx.data, ctx.t_tea, list(range(2, max_points + 1)), 'dev', 1.15, timing)
+    ctx.gits_paths = gits.gits_paths(ctx.data, ctx.t_tea, list(range(2, max_points + 1)), gits.METRIC, gits.COEFF, timing)
     out = dict(teacher=dict(evals=ctx.teacher_evals, seconds=timing['teacher'], rmse=teacher_err),
                gits_search=dict(cost_seconds=timing['cost'], dp_seconds=timing['dp']), solvers={})
     print(f'[{name}] teacher {opts.solver_tea} x{opts.num_steps_tea}: {ctx.teacher_evals} evaluations, '
@@ -396,12 +396,12 @@ def check_options(datasets, solver_names, nfes, opts):
 @click.option('--datasets', default='digits,gmm,gmm_wavelet', show_default=True)
 @click.option('--solvers', 'solver_names', default=','.join(ALL_SOLVERS), show_default=True)
 @click.option('--nfes', default='5,6,8,10', show_default=True)
-@click.option('--num_warmup', type=click.IntRange(min=1), default=256, show_default=True)
+@click.option('--num_warmup', type=click.IntRange(min=1), default=gits.NUM_WARMUP, show_default=True)
 @click.option('--num_eval', type=click.IntRange(min=2), default=512, show_default=True)
-@click.option('--warmup_seed', type=int, default=1_000_000_000, show_default=True)
+@click.option('--warmup_seed', type=int, default=gits.WARMUP_SEED, show_default=True)
 @click.option('--eval_seed', type=int, default=0, show_default=True)
-@click.option('--num_steps_tea', type=int, default=61, show_default=True)
-@click.option('--solver_tea', default='ipndm', show_default=True)
+@click.option('--num_steps_tea', type=click.IntRange(min=3), default=gits.NUM_STEPS_TEA, show_default=True)
+@click.option('--solver_tea', default=gits.SOLVER_TEA, show_default=True)
 @click.option('--student_grid', type=int, default=21, show_default=True, help='Candidate points of the solver-aware DP')
 @click.option('--refine_budget', type=click.FloatRange(min=0, min_open=True), default=student_search.REFINE_BUDGET,
               show_default=True,

@@ -71,7 +71,8 @@ def run_model(name, opts):
     def search(num_steps):
         t0 = time.perf_counter()
         t = gits.search_schedule(model.denoise, warm, num_steps=num_steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX,
-                                 num_steps_tea=61, solver_tea='ipndm', metric='dev', coeff=1.15)
+                                 num_steps_tea=gits.NUM_STEPS_TEA, solver_tea=gits.SOLVER_TEA, metric=gits.METRIC,
+                                 coeff=gits.COEFF)
         seconds[num_steps - 1] = time.perf_counter() - t0
         return t
 
