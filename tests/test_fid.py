@@ -5,6 +5,7 @@ Inception one, folder/zip and 1/2-process identity, downloads, and the one-line 
 import http.server
 import os
 import pickle
+import re
 import threading
 import zipfile
 
@@ -161,6 +162,7 @@ def test_ref_then_calc_round_trip_and_independent_stats(tmp_path, detector, caps
     ref = tmp_path / 'refs' / 'a.npz'
     r = run_cli('fid.py', 'ref', f'--data={tmp_path / "a"}', f'--dest={ref}', f'--detector={detector}', '--batch=4', '--device=cpu')
     assert r.returncode == 0, r.stderr
+    assert re.search(r'Features: 100%.*\b4/4 ', r.stdout), r.stdout     # feature extraction shows progress
     mu, sigma = load_npz(ref)
     assert mu.dtype == np.float64 and sigma.dtype == np.float64 and sigma.shape == (6, 6)
     mu_i, sigma_i = independent_stats(detector, [a[k] for k in sorted(a)], batch=4)
