@@ -292,6 +292,37 @@ def main():
 
 # ----------------------------------------------------------------------------------------------
 
+def trajectory_schedule(opts, model, options):
+    """The recorded points: --t_steps, or --num_steps of --schedule_type over the model's range."""
+    try:
+        if opts.t_steps is not None:
+            t_steps = torch.tensor(cli_options.parse_t_steps(opts.t_steps, opts.compat), dtype=torch.float64)
+        else:
+            t_steps = solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
+                                                opts.schedule_type, opts.schedule_rho, model=model, compat=opts.compat)
+        solvers.resolve_options(opts.solver, options, opts.compat, num_points=len(t_steps))
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    if len(t_steps) < 3:
+        raise UserError('--t_steps: a trajectory needs at least 3 points')
+    return t_steps
+
+
+def record_seeds(opts, model, device, seeds, t_steps, options):
+    """Sampling and denoising trajectories [N, B, D] of every seed, batch by batch, with a progress
+    bar of denoiser evaluations."""
+    xs, dens = [], []
+    per_seed = solvers.count_nfe(opts.solver, len(t_steps), compat=opts.compat, **options) + 1   # + D at the end
+    with run_schedule.progress(len(seeds) * per_seed, 'Trajectories') as bar:
+        for i in range(0, len(seeds), opts.batch):
+            noise, denoise = seed_batch(model, seeds[i:i + opts.batch], device)
+            x, d = record_trajectories(run_schedule.counting(denoise, bar), noise, t_steps, opts.solver,
+                                       compat=opts.compat, **options)
+            xs.append(x.flatten(2))
+            dens.append(d.flatten(2))
+    return torch.cat(xs, 1), torch.cat(dens, 1)
+
+
 @main.command()
 @model_options
 @click.option('--seeds', type=str, default='0-15', help='Trajectories to record, e.g. 0-15')
@@ -313,32 +344,11 @@ def analyze(**kwargs):
         raise UserError(f'--seeds: {e}') from None
     options = solver_options(opts, opts.solver)
     model, device = load_model(opts)
-    try:
-        if opts.t_steps is not None:
-            t_steps = torch.tensor(solver_utils.parse_t_steps(opts.t_steps), dtype=torch.float64)
-            if opts.compat is not None:        # the official reads --t_steps into float32
-                t_steps = torch.tensor(solver_utils.check_t_steps(t_steps.float().tolist()), dtype=torch.float64)
-        else:
-            t_steps = solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
-                                                opts.schedule_type, opts.schedule_rho, model=model, compat=opts.compat)
-        solvers.resolve_options(opts.solver, options, opts.compat, num_points=len(t_steps))
-    except ValueError as e:
-        raise UserError(str(e)) from None
-    if len(t_steps) < 3:
-        raise UserError('--t_steps: a trajectory needs at least 3 points')
+    t_steps = trajectory_schedule(opts, model, options)
     outdir = outdir_for(opts, 'analyze', 'trajectory.json')
     run_schedule.warn_outside_model_range(t_steps, model)
 
-    xs, dens = [], []
-    per_seed = solvers.count_nfe(opts.solver, len(t_steps), compat=opts.compat, **options) + 1   # + D at the end
-    with run_schedule.progress(len(seeds) * per_seed, 'Trajectories') as bar:
-        for i in range(0, len(seeds), opts.batch):
-            noise, denoise = seed_batch(model, seeds[i:i + opts.batch], device)
-            x, d = record_trajectories(run_schedule.counting(denoise, bar), noise, t_steps, opts.solver,
-                                       compat=opts.compat, **options)
-            xs.append(x.flatten(2))
-            dens.append(d.flatten(2))
-    xs, dens = torch.cat(xs, 1), torch.cat(dens, 1)                    # [N, B, D]
+    xs, dens = record_seeds(opts, model, device, seeds, t_steps, options)
     basis, shares = projection_basis(xs)
     result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, compat=opts.compat, seeds=seeds,
                   t_steps=[float(t) for t in t_steps], t_steps_text=solver_utils.format_t_steps(t_steps),
@@ -375,6 +385,30 @@ def schedule_errors(model, table, solver, options, seeds, device, afs=False, com
     return errors
 
 
+def compared_schedules(opts, model, device, teacher_options):
+    """The compared schedules as the paper runs them: polynomial with rho (EDM's 7), logsnr, and
+    time_uniform uniform in VP time (rho = 1); GITS searches on a polynomial teacher grid (with a
+    progress bar of its denoiser evaluations)."""
+    fixed = dict(polynomial=opts.schedule_rho, logsnr=7.0, time_uniform=1.0)
+    table = {kind: solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max, kind, rho,
+                                             compat=opts.compat) for kind, rho in fixed.items()}
+    warm = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
+    noise, denoise = seed_batch(model, warm, device, warmup=True)
+    teacher_evals = len(warm) * solvers.count_nfe(opts.solver_tea, opts.num_steps_tea, compat=opts.compat,
+                                                  **teacher_options)
+    try:
+        with run_schedule.progress(teacher_evals, 'GITS search') as bar:
+            table['gits'] = gits.search_schedule(
+                run_schedule.counting(denoise, bar), noise, num_steps=opts.num_steps, sigma_min=model.sigma_min,
+                sigma_max=model.sigma_max, schedule_type='polynomial', schedule_rho=opts.schedule_rho,
+                solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff,
+                afs=bool(opts.afs), solver=opts.solver, model=model, batch_size=64, compat=opts.compat,
+                max_order=opts.max_order)
+    except ValueError as e:
+        raise UserError(str(e)) from None
+    return table
+
+
 @main.command()
 @model_options
 @click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Student solver')
@@ -407,25 +441,7 @@ def schedules(**kwargs):
         raise UserError(f'--error_seeds: only the analytic models ({", ".join(models.ANALYTIC)}) have an exact solution')
     outdir = outdir_for(opts, 'schedules', 'schedules.json')
 
-    # The compared schedules as the paper runs them: polynomial with rho (EDM's 7), logsnr, and
-    # time_uniform uniform in VP time (rho = 1); GITS searches on a polynomial teacher grid.
-    fixed = dict(polynomial=opts.schedule_rho, logsnr=7.0, time_uniform=1.0)
-    table = {kind: solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max, kind, rho,
-                                             compat=opts.compat) for kind, rho in fixed.items()}
-    warm = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
-    noise, denoise = seed_batch(model, warm, device, warmup=True)
-    teacher_evals = len(warm) * solvers.count_nfe(opts.solver_tea, opts.num_steps_tea, compat=opts.compat,
-                                                  **teacher_options)
-    try:
-        with run_schedule.progress(teacher_evals, 'GITS search') as bar:
-            table['gits'] = gits.search_schedule(
-                run_schedule.counting(denoise, bar), noise, num_steps=opts.num_steps, sigma_min=model.sigma_min,
-                sigma_max=model.sigma_max, schedule_type='polynomial', schedule_rho=opts.schedule_rho,
-                solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff,
-                afs=bool(opts.afs), solver=opts.solver, model=model, batch_size=64, compat=opts.compat,
-                max_order=opts.max_order)
-    except ValueError as e:
-        raise UserError(str(e)) from None
+    table = compared_schedules(opts, model, device, teacher_options)
     afs = bool(opts.afs)   # without GITS afs saves one evaluation; with GITS it buys a free extra step
     nfe = {k: solvers.count_nfe(opts.solver, len(v), afs=afs, compat=opts.compat, **options) for k, v in table.items()}
     errors = None
