@@ -11,8 +11,6 @@ import sys
 
 import torch
 
-import dnnlib
-import gits
 import schedule_io
 import solver_utils
 import solvers

@@ -18,7 +18,7 @@ import sample
 import trajectory
 from conftest import ROOT
 from dnnlib.util import UserError
-from helpers import assert_one_line_error, listing, run_cli, run_here, torchrun
+from helpers import assert_one_line_error, listing, run_here, torchrun
 
 FAST = ['--solver=heun', '--num_steps=6']
 
