@@ -25,7 +25,7 @@ import models
 import run_schedule
 import schedule_io
 import schedule_presets
-import solver_utils
+import schedules
 import solvers
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
@@ -248,11 +248,11 @@ def validate(opts, given=()):
     if len(sources) > 1:      # each of them fixes the schedule: refuse rather than silently pick one
         raise UserError(f'{sources[-1]}: cannot be combined with {sources[0]} (each one sets the schedule); drop one of them')
     try:
-        solver_utils.check_compat(opts.compat)
+        schedules.check_compat(opts.compat)
         if opts.t_steps is not None:
-            opts.t_steps_list = solver_utils.parse_t_steps(opts.t_steps)
+            opts.t_steps_list = schedules.parse_t_steps(opts.t_steps)
             if opts.compat is not None:     # the official reads --t_steps into a float32 tensor
-                opts.t_steps_list = solver_utils.check_t_steps(np.float32(opts.t_steps_list).tolist())
+                opts.t_steps_list = schedules.check_t_steps(np.float32(opts.t_steps_list).tolist())
         resolve_solver_options(opts)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -347,7 +347,7 @@ def run(opts, given=()):
                             compat=opts.compat, **opts.solver_options)
     outdir = opts.outdir or default_outdir(opts, nfe)
     dnnlib.util.check_writable_dir(outdir)
-    t_text = solver_utils.format_t_steps(t_steps)
+    t_text = schedules.format_t_steps(t_steps)
     options = {p.name: opts.get(p.name) for p in main.params}
     options.update(outdir=outdir, device=str(device))
     record = dict(format=RUN_FORMAT, **identity(state), nfe=nfe, t_steps_text=t_text,
@@ -435,7 +435,7 @@ def list_presets(ctx, _param, value):
 @click.option('--afs', type=BOOL, default=False, help='Analytical first step (saves one evaluation)')
 @click.option('--denoise_to_zero', type=BOOL, default=False, help='Finish with D(x; t_last) (one more evaluation)')
 # Schedule options.
-@click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
+@click.option('--schedule_type', type=click.Choice(list(schedules.SCHEDULES)), default='polynomial', help='Time schedule')
 @click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
 @click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,10.9836,...,0.002], or a preset, e.g. gits_sd15:coeff=1.20:steps=10 (see --list_presets)')
 @click.option('--list_presets', is_flag=True, is_eager=True, expose_value=False, callback=list_presets,

@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 
 import sample
+import schedules
 from conftest import ROOT
 from helpers import assert_one_line_error, listing, run_cli, run_here, torchrun
 
@@ -148,7 +149,7 @@ def test_default_folder_names_never_shared(tmp_path):
             key, value = a[2:].split('=', 1)
             opts[key] = {'True': True, 'False': False}.get(value, value)
         opts.schedule_rho = float(opts.schedule_rho)
-        opts.t_steps_list = sample.solver_utils.parse_t_steps(opts.t_steps) if opts.t_steps else None
+        opts.t_steps_list = schedules.parse_t_steps(opts.t_steps) if opts.t_steps else None
         return os.path.basename(sample.default_outdir(opts, nfe))
     assert name('--schedule_rho=5') == 'ipndm_nfe6_polynomial-rho5'
     assert name('--schedule_type=time_uniform', '--schedule_rho=1') == 'ipndm_nfe6_time_uniform-rho1'
