@@ -188,7 +188,10 @@ def search_options(solver, solver_tea, options, compat=None, num_steps_tea=None)
     # A flag goes to the student unless only the teacher has that option.
     student = solvers.resolve_options(solver, {k: v for k, v in given.items()
                                                if k in takes[solver] or k not in takes[solver_tea]}, compat)
-    inherited = mode.teacher_flags(solver, solver_tea, given) if mode else _teacher_flags(solver_tea, student, given)
+    if mode:
+        inherited = mode.teacher_flags(solver, solver_tea, given, solvers.SOLVER_SPECS)
+    else:
+        inherited = _teacher_flags(solver_tea, student, given)
     try:
         teacher = solvers.resolve_options(solver_tea, inherited, compat, num_points=num_steps_tea)
     except ValueError as e:
@@ -363,12 +366,13 @@ def path_cost(cost, path, coeff):
 
 def _trial_runner(solver, options, compat, t_tea):
     """How a free-step candidate schedule is run: the student solver with afs (with compat, as the
-    reproduced code runs it)."""
+    reproduced code runs it: for some solvers its own coefficient rows)."""
     mode = compat_mode(compat)
-    if mode:
-        return mode.trial_runner(solver, options, t_tea)
+    table = mode.trial_table(solver, options, t_tea) if mode else None
+    if table is not None:
+        return lambda denoise, x, trial: solvers.run_table(denoise, x, trial, table(trial), afs=True)
     fn = solvers.SOLVERS[solver]
-    return lambda denoise, x, trial: fn(denoise, x, trial, afs=True, **options)
+    return lambda denoise, x, trial: fn(denoise, x, trial, afs=True, compat=compat, **options)
 
 
 def afs_free_step(data, t_tea, path, solver, options, compat=None):

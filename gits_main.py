@@ -6,7 +6,8 @@ compat='gits-main' gives the official output (to round-off) with the same denois
 one-line ValueError where the official code crashes. Every difference is listed, with which side
 is right, in the README (Differences from the official code).
 
-`MODES['gits-main']` is the object the default code asks (schedules.compat_mode): its float32
+Importing it registers `GitsMain` as schedules.COMPAT_MODES['gits-main'], the object the default
+code asks (schedules.compat_mode; solvers.py imports this module): its float32
 schedules, its coefficient tables and step-order rules, its thresholding default, the refusals of
 what it cannot run, and the differences of its search. euler, heun and dpm are the same in both.
 """
@@ -19,7 +20,6 @@ import torch
 
 import schedules
 import solver_utils
-import solvers
 
 NAME = 'gits-main'
 
@@ -313,12 +313,12 @@ def resolve_options(solver, given, out, num_points):
     return out
 
 
-def max_order_failure(solver, options, role='--solver'):
-    """Why the official command line fails for `solver` without --max_order (None: it does not, or
-    the option is given). Its --max_order has no default and every multistep sampler asserts on
-    it, so a run of ipndm, ipndm_v, deis, dpmpp or unipc - as the student, or as the GITS teacher,
-    which gets the same flags - needs it on the command line."""
-    if solvers.SOLVER_SPECS[solver].max_order_range is None or options.get('max_order') is not None:
+def max_order_failure(solver, spec, options, role='--solver'):
+    """Why the official command line fails for `solver` (its solvers.SOLVER_SPECS entry `spec`)
+    without --max_order (None: it does not, or the option is given). Its --max_order has no default
+    and every multistep sampler asserts on it, so a run of ipndm, ipndm_v, deis, dpmpp or unipc - as
+    the student, or as the GITS teacher, which gets the same flags - needs it on the command line."""
+    if spec.max_order_range is None or options.get('max_order') is not None:
         return None
     return (f'--max_order: the official gits-main has no default for it, and its {solver} ({role}) fails '
             f'without one; pass it with --compat={NAME}, as the official commands do (e.g. --max_order=4)')
@@ -337,7 +337,7 @@ def extra_evals(solver, num_points, options):
 # the costs C[0][j] use, is x / sqrt(1 + t^2), so C[0][1] = 0 and the DP mostly starts [0, 1, ...],
 # which leaves the free step no candidate. When it does leave some, the official tries them with
 # the student run as in its sampling code, which fails for some solvers (`trial_failure`) and
-# gives DEIS the teacher grid's coefficients (`trial_runner`).
+# gives DEIS the teacher grid's coefficients (`trial_table`).
 
 TEACHER_AFS = True
 
@@ -349,17 +349,18 @@ def check_search(denoise_to_zero):
                          'does not reproduce that: drop one of them')
 
 
-def teacher_flags(solver, solver_tea, given):
+def teacher_flags(solver, solver_tea, given, specs):
     """The teacher's option flags: the flags as given (the official defaults fill the rest);
-    ValueError where the official search cannot run this student and teacher."""
+    ValueError where the official search cannot run this student and teacher (specs:
+    solvers.SOLVER_SPECS)."""
     if solver_tea == 'unipc':
         raise ValueError(f'--solver_tea: the official gits-main has no UniPC teacher (its UniPC returns no slopes); '
                          f'choose another teacher with --compat={NAME}')
     for name, role in ((solver_tea, '--solver_tea, the teacher'), (solver, '--solver')):
-        failure = max_order_failure(name, given, role)
+        failure = max_order_failure(name, specs[name], given, role)
         if failure:
             raise ValueError(failure)
-    return {k: v for k, v in given.items() if k in solvers.SOLVER_SPECS[solver_tea].defaults}
+    return {k: v for k, v in given.items() if k in specs[solver_tea].defaults}
 
 
 def trial_failure(solver, options, num_steps, solver_tea, schedule_type):
@@ -378,20 +379,20 @@ def trial_failure(solver, options, num_steps, solver_tea, schedule_type):
     return None
 
 
-def trial_runner(solver, options, t_tea):
-    """How a free-step candidate schedule is run: the student solver with afs; DEIS with the
-    coefficient rows of the teacher grid (its coefficient list is computed for the teacher's
-    schedule and reused; the first step is Euler on the candidate's own step)."""
-    if solver == 'deis':
-        grid = tuple(float(t) for t in t_tea)
-        rows = TABLES['deis_' + options['deis_mode']](grid, int(options['max_order']))
+def trial_table(solver, options, t_tea):
+    """How the official runs a free-step candidate schedule where it differs from the student
+    solver with afs: for DEIS, a function of the candidate giving its coefficient rows, those of the
+    teacher grid (its coefficient list is computed for the teacher's schedule and reused; the first
+    step is Euler on the candidate's own step). None for the other solvers."""
+    if solver != 'deis':
+        return None
+    grid = tuple(float(t) for t in t_tea)
+    rows = TABLES['deis_' + options['deis_mode']](grid, int(options['max_order']))
 
-        def run(denoise, x, trial):
-            first = ((1.0, (float(trial[1]) - float(trial[0]),)),)
-            return solvers.run_table(denoise, x, trial, first + rows[1:len(trial) - 1], afs=True)
-        return run
-    fn = solvers.SOLVERS[solver]
-    return lambda denoise, x, trial: fn(denoise, x, trial, afs=True, compat=NAME, **options)
+    def table(trial):
+        first = ((1.0, (float(trial[1]) - float(trial[0]),)),)
+        return first + rows[1:len(trial) - 1]
+    return table
 
 
 # ----------------------------------------------------------------------------------------------
@@ -408,7 +409,7 @@ class GitsMain:
     check_search = staticmethod(check_search)
     teacher_flags = staticmethod(teacher_flags)
     trial_failure = staticmethod(trial_failure)
-    trial_runner = staticmethod(trial_runner)
+    trial_table = staticmethod(trial_table)
 
 
-MODES = {NAME: GitsMain()}
+schedules.COMPAT_MODES[NAME] = GitsMain()

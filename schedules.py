@@ -111,20 +111,24 @@ SCHEDULE_FNS = {
 }
 
 
+# Reproduced code bases, by --compat name: objects that hold a code base's schedules, coefficient
+# tables, step-order rules and refusals, which the default code asks for. gits_main.py registers
+# 'gits-main' when it is imported (solvers.py imports it, so it is there wherever a solver runs).
+COMPAT_MODES = {}
+
+
 def compat_mode(compat):
-    """The object that reproduces the code base named by `compat` (its schedules, coefficient
-    tables, step-order rules and refusals; gits_main.MODES), or None for ours. ValueError naming
-    --compat for an unknown name. gits_main builds on this module, so it is imported on first use."""
+    """The object of the code base that `compat` reproduces, or None for ours; ValueError naming
+    --compat for an unknown name."""
     if compat is None:
         return None
-    import gits_main
-    if compat not in gits_main.MODES:
-        raise ValueError(f'--compat: must be one of {", ".join(gits_main.MODES)} (got "{compat}")')
-    return gits_main.MODES[compat]
+    if compat not in COMPAT_MODES:
+        raise ValueError(f'--compat: must be one of {", ".join(COMPAT_MODES)} (got "{compat}")')
+    return COMPAT_MODES[compat]
 
 
 def check_compat(compat):
-    """None or the name of a reproduced code base (gits_main.MODES); else ValueError naming --compat."""
+    """None or the name of a reproduced code base (COMPAT_MODES); else ValueError naming --compat."""
     compat_mode(compat)
     return compat
 

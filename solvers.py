@@ -15,6 +15,7 @@ its coefficient tables (`tables`), its option defaults and its refusals (`resolv
 
 import dataclasses
 
+import gits_main       # noqa: F401  (registers --compat=gits-main: schedules.COMPAT_MODES)
 import solver_utils
 from schedules import compat_mode
 from solver_utils import History, afs_slope, combine, dynamic_threshold, finish
@@ -84,7 +85,7 @@ def official_max_order_failure(solver, options, compat, role='--solver'):
     """Why the reproduced code's command line (compat) fails for `solver` without --max_order
     (None: it does not, or there is no compat)."""
     mode = compat_mode(compat)
-    return mode.max_order_failure(solver, options, role) if mode else None
+    return mode.max_order_failure(solver, SOLVER_SPECS[solver], options, role) if mode else None
 
 
 def count_nfe(solver, num_points, afs=False, denoise_to_zero=False, compat=None, **options):

@@ -26,7 +26,6 @@ import dnnlib
 import gits
 import models
 import run_schedule
-import schedules
 import solver_utils
 import solvers
 from dnnlib.util import UserError
@@ -221,7 +220,7 @@ def solver_options(opts, solver, solver_tea=None):
     options as sample.py resolves them (gits.search_options)."""
     flags = dict(max_order=opts.max_order)
     try:
-        schedules.check_compat(opts.compat)
+        solver_utils.check_compat(opts.compat)
         if solver_tea is not None:
             return gits.search_options(solver, solver_tea, flags, opts.compat, opts.num_steps_tea)
         failure = solvers.official_max_order_failure(solver, flags, opts.compat)
@@ -269,7 +268,7 @@ def main():
 @click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch')
 @click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectory')
 @click.option('--num_steps', type=click.IntRange(min=3), default=61, help='Points on each trajectory')
-@click.option('--schedule_type', type=click.Choice(list(schedules.SCHEDULES)), default='polynomial', help='Time schedule')
+@click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
 @click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
 @click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,...,0.002]')
 @click.option('--num_plots', type=click.IntRange(min=1), default=4, help='Trajectories drawn in the 3-D figure')
@@ -286,11 +285,11 @@ def analyze(**kwargs):
     model, device = load_model(opts)
     try:
         if opts.t_steps is not None:
-            t_steps = torch.tensor(schedules.parse_t_steps(opts.t_steps), dtype=torch.float64)
+            t_steps = torch.tensor(solver_utils.parse_t_steps(opts.t_steps), dtype=torch.float64)
             if opts.compat is not None:        # the official reads --t_steps into float32
-                t_steps = torch.tensor(schedules.check_t_steps(t_steps.float().tolist()), dtype=torch.float64)
+                t_steps = torch.tensor(solver_utils.check_t_steps(t_steps.float().tolist()), dtype=torch.float64)
         else:
-            t_steps = schedules.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
+            t_steps = solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max,
                                                 opts.schedule_type, opts.schedule_rho, model=model, compat=opts.compat)
         solvers.resolve_options(opts.solver, options, opts.compat, num_points=len(t_steps))
     except ValueError as e:
@@ -308,7 +307,7 @@ def analyze(**kwargs):
     xs, dens = torch.cat(xs, 1), torch.cat(dens, 1)                    # [N, B, D]
     basis, shares = projection_basis(xs)
     result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, compat=opts.compat, seeds=seeds,
-                  t_steps=[float(t) for t in t_steps], t_steps_text=schedules.format_t_steps(t_steps),
+                  t_steps=[float(t) for t in t_steps], t_steps_text=solver_utils.format_t_steps(t_steps),
                   sampling=dict(profile_stats(xs), top2_deviation_share=shares),
                   denoising=profile_stats(dens))
     title = f'{opts.dataset_name}: {len(seeds)} trajectories, {opts.solver}, {len(t_steps)} points'
@@ -377,7 +376,7 @@ def schedules(**kwargs):
     # The compared schedules as the paper runs them: polynomial with rho (EDM's 7), logsnr, and
     # time_uniform uniform in VP time (rho = 1); GITS searches on a polynomial teacher grid.
     fixed = dict(polynomial=opts.schedule_rho, logsnr=7.0, time_uniform=1.0)
-    table = {kind: schedules.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max, kind, rho,
+    table = {kind: solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max, kind, rho,
                                              compat=opts.compat) for kind, rho in fixed.items()}
     warm = list(range(opts.warmup_seed, opts.warmup_seed + opts.num_warmup))
     noise, denoise = seed_batch(model, warm, device, warmup=True)
@@ -404,7 +403,7 @@ def schedules(**kwargs):
                   num_steps=opts.num_steps, nfe=nfe, num_warmup=opts.num_warmup, num_steps_tea=opts.num_steps_tea,
                   solver_tea=opts.solver_tea, coeff=opts.coeff, metric=opts.metric, warmup_seed=opts.warmup_seed,
                   schedules={k: [float(t) for t in v] for k, v in table.items()},
-                  t_steps_text={k: schedules.format_t_steps(v) for k, v in table.items()},
+                  t_steps_text={k: solver_utils.format_t_steps(v) for k, v in table.items()},
                   errors=errors, error_seeds=error_seeds)
     names = dict(polynomial=f'polynomial (rho={opts.schedule_rho:g})', logsnr='logsnr',
                  time_uniform='time_uniform (rho=1)', gits=f'gits (dp, coeff={opts.coeff:g})')
@@ -416,7 +415,7 @@ def schedules(**kwargs):
     misc.atomic_write_json(os.path.join(outdir, 'schedules.json'), result)
     for k, v in table.items():
         err = f'  RMSE {errors[k]:.4f}' if errors else ''
-        print(f'{k:>13s} NFE={nfe[k]}: --t_steps={schedules.format_t_steps(v)}{err}')
+        print(f'{k:>13s} NFE={nfe[k]}: --t_steps={solver_utils.format_t_steps(v)}{err}')
     print(f'Wrote schedules.png and schedules.json to {outdir}')
 
 
