@@ -16,9 +16,11 @@ to bottom:
    extra step, and the one whose student output is closest to the teacher's is kept
    (`afs_free_step`).
 
-`search_rounds` runs the four over warm-up rounds (possibly spread over processes) and
-`search_schedule` over one tensor of warm-up noise. What goes beyond the paper (a DP that prices
-the student solver's own steps, and refinement of the schedule) is in student_search.py.
+`search_rounds` runs the four over warm-up rounds (possibly spread over processes) as three
+stages, `start_search` (1), `gits_paths` (2, 3) and `afs_paths` (4), and `search_schedule` over
+one tensor of warm-up noise. What goes beyond the paper (a DP that prices the student solver's own
+steps, and refinement of the schedule) is in student_search.py, which extends these stages. What
+the official code does differently (--compat=gits-main) is in gits_main.py.
 
 Everything is per trajectory in float64 and reduced in warm-up-index order, so the schedule is
 the same bit for bit whatever the batch size or number of processes.

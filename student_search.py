@@ -12,8 +12,10 @@ whatever solver will sample. Here:
   (`refine_schedule`, `refine_found`), starting from the best of the GITS, solver-aware and fixed
   schedules.
 
-Both reuse the paper's teacher runs (gits.TeacherRound). `search_rounds` and `search_schedule`
-take the paper's arguments plus search=, refine=, refine_budget= and student_grid=.
+Both extend the paper's search (gits.py): `search_rounds` starts with its first stage
+(gits.start_search: teacher grid, options, teacher runs), takes its paths (gits.gits_paths, with
+afs gits.afs_paths) where a refinement starts from them, and adds its own stages. It and
+`search_schedule` take the paper's arguments plus search=, refine=, refine_budget= and student_grid=.
 """
 
 import math
