@@ -16,23 +16,28 @@ to bottom:
    extra step, and the one whose student output is closest to the teacher's is kept
    (`afs_free_step`).
 
-`search_rounds` runs the four over warm-up rounds (possibly spread over processes) and
-`search_schedule` over one tensor of warm-up noise. What goes beyond the paper (a DP that prices
-the student solver's own steps, and refinement of the schedule) is in student_search.py.
+`search_rounds` runs the four over warm-up rounds (possibly spread over processes) as three
+stages, `start_search` (1), `gits_paths` (2, 3) and `afs_paths` (4), and `search_schedule` over
+one tensor of warm-up noise. What goes beyond the paper (a DP that prices the student solver's own
+steps, and refinement of the schedule) is in student_search.py, which extends these stages. What
+the official code does differently (--compat=gits-main) is in gits_main.py.
 
 Everything is per trajectory in float64 and reduced in warm-up-index order, so the schedule is
 the same bit for bit whatever the batch size or number of processes.
 """
 
 import concurrent.futures
+import dataclasses
 import math
 import os
 import time
 
 import torch
 
+import schedules
 import solver_utils
 import solvers
+from schedules import compat_mode
 from torch_utils import distributed as dist
 
 METRICS = ('dev', 'l1', 'l2')
@@ -161,13 +166,22 @@ def run_teachers(rounds, t_tea, solver_tea=SOLVER_TEA, afs=False, compat=None, m
 # for each option it has, the student's resolved value (its default where the flag is not given),
 # or the flag itself where only the teacher has the option (--max_order with a Heun student and the
 # iPNDM teacher), else its own default; a max_order beyond the teacher's range is capped (an
-# order-4 iPNDM student gives a DPM-Solver++ teacher order 3). With compat, the flags as given and
-# the official defaults, and a refusal wherever the official fails.
+# order-4 iPNDM student gives a DPM-Solver++ teacher order 3). With compat, the reproduced code's
+# teacher flags (gits_main.teacher_flags: the flags as given, a refusal where it fails).
+
+def _teacher_flags(solver_tea, student, given):
+    """The teacher's option flags: the student's resolved options and the teacher-only flags."""
+    takes = solvers.SOLVER_SPECS[solver_tea].defaults
+    inherited = {k: student[k] if k in student else given[k] for k in takes if k in student or k in given}
+    if 'max_order' in inherited:
+        inherited['max_order'] = min(int(inherited['max_order']), solvers.SOLVER_SPECS[solver_tea].max_order_range[1])
+    return inherited
+
 
 def search_options(solver, solver_tea, options, compat=None, num_steps_tea=None):
     """(student options, teacher options), resolved, from one set of solver option flags
     (`options`; None or missing: not given). ValueError in one line naming the flag."""
-    solver_utils.check_compat(compat)
+    mode = compat_mode(compat)
     for flag, name in (('--solver', solver), ('--solver_tea', solver_tea)):
         if name not in solvers.SOLVERS:
             raise ValueError(f'{flag}: unknown solver "{name}"; choose one of {", ".join(solvers.SOLVERS)}')
@@ -176,34 +190,16 @@ def search_options(solver, solver_tea, options, compat=None, num_steps_tea=None)
     # A flag goes to the student unless only the teacher has that option.
     student = solvers.resolve_options(solver, {k: v for k, v in given.items()
                                                if k in takes[solver] or k not in takes[solver_tea]}, compat)
-    if compat is not None:
-        failure = official_teacher_failure(solver, solver_tea, given, compat)
-        if failure:
-            raise ValueError(failure)
-        inherited = {k: v for k, v in given.items() if k in takes[solver_tea]}
+    if mode:
+        inherited = mode.teacher_flags(solver, solver_tea, given, solvers.SOLVER_SPECS)
     else:
-        inherited = {k: student[k] if k in student else given[k] for k in takes[solver_tea]
-                     if k in student or k in given}
-        if 'max_order' in inherited:
-            inherited['max_order'] = min(int(inherited['max_order']), solvers.SOLVER_SPECS[solver_tea].max_order_range[1])
+        inherited = _teacher_flags(solver_tea, student, given)
     try:
         teacher = solvers.resolve_options(solver_tea, inherited, compat, num_points=num_steps_tea)
     except ValueError as e:
         raise ValueError(f'{e} (the GITS teacher --solver_tea={solver_tea} runs with the student\'s solver options, '
                          'as in the official code)') from None
     return student, teacher
-
-
-def official_teacher_failure(solver, solver_tea, given, compat):
-    """Why the official search cannot run this student and teacher (None: it can)."""
-    if solver_tea == 'unipc':
-        return (f'--solver_tea: the official gits-main has no UniPC teacher (its UniPC returns no slopes); '
-                f'choose another teacher with --compat={compat}')
-    for name, role in ((solver_tea, '--solver_tea, the teacher'), (solver, '--solver')):
-        failure = solvers.official_max_order_failure(name, given, compat, role)
-        if failure:
-            return failure
-    return None
 
 
 # ----------------------------------------------------------------------------------------------
@@ -367,41 +363,16 @@ def path_cost(cost, path, coeff):
 # 4. The analytical first step's free step.
 #
 # Ours keeps the teacher exact (no afs) and tries every teacher point between the first two chosen
-# ones as a free extra step. The official (compat) gives the teacher itself the analytical first
-# step: its first slope, the one the costs C[0][j] use, is x / sqrt(1 + t^2), so C[0][1] = 0 (the
-# student's step 0 -> 1 is the teacher's own) and the DP mostly starts [0, 1, ...], which leaves no
-# candidate: the schedule keeps num_steps points. When it does leave some, the official tries them
-# as we do, but with the student run as in its sampling code, which fails for some solvers (see
-# `official_trial_failure`) and gives DEIS the teacher grid's coefficients.
-
-def official_trial_failure(solver, options, num_steps, solver_tea, schedule_type, compat):
-    """Why the official free-step search fails when it has candidates to try (None: it runs)."""
-    if solver == 'unipc':
-        return (f'--afs: the official gits-main free-step search has no UniPC (it fails when the DP leaves '
-                f'room for the free step, as here); use --afs=False or another solver with --compat={compat}')
-    if solver == 'dpmpp' and options['lower_order_final'] and num_steps >= int(options['max_order']):
-        return (f'--lower_order_final: the official gits-main runs the free-step candidates ({num_steps} + 1 points) '
-                f'as if they had {num_steps}, which gives the last step order 0 and fails; pass '
-                f'--lower_order_final=False or --afs=False with --compat={compat}')
-    if solver == 'deis' and (solver_tea != 'deis' or schedule_type == 'discrete'):
-        return (f'--afs: the official gits-main free-step search of DEIS fails (it reuses the teacher\'s DEIS '
-                f'coefficients, so it needs --solver_tea=deis, and a non-discrete schedule); change one of them '
-                f'with --compat={compat}')
-    return None
-
+# ones as a free extra step. The official (compat) gives the teacher the analytical first step,
+# which mostly leaves no candidate, and runs the candidates its own way (gits_main.py, section 5).
 
 def _trial_runner(solver, options, compat, t_tea):
-    """How a free-step candidate schedule is run: the student solver with afs; for the official
-    DEIS (compat), with the coefficient rows of the teacher grid (its coefficient list is computed
-    for the teacher's schedule and reused; the first step is Euler on the candidate's own step)."""
-    if compat is not None and solver == 'deis':
-        grid = tuple(float(t) for t in t_tea)
-        rows = solvers.DEIS_TABLES[compat, options['deis_mode']](grid, int(options['max_order']))
-
-        def run(denoise, x, trial):
-            first = ((1.0, (float(trial[1]) - float(trial[0]),)),)
-            return solvers.run_table(denoise, x, trial, first + rows[1:len(trial) - 1], afs=True)
-        return run
+    """How a free-step candidate schedule is run: the student solver with afs (with compat, as the
+    reproduced code runs it: for some solvers its own coefficient rows)."""
+    mode = compat_mode(compat)
+    table = mode.trial_table(solver, options, t_tea) if mode else None
+    if table is not None:
+        return lambda denoise, x, trial: solvers.run_table(denoise, x, trial, table(trial), afs=True)
     fn = solvers.SOLVERS[solver]
     return lambda denoise, x, trial: fn(denoise, x, trial, afs=True, compat=compat, **options)
 
@@ -459,14 +430,65 @@ def gits_paths(data, t_tea, wanted, metric=METRIC, coeff=COEFF, timing=None):
 
 def teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted, compat=None):
     """The teacher's time points: `num_steps_tea` points of the student's schedule type (with
-    compat, the official code's float32 values and discrete rho)."""
+    compat, the reproduced code's schedule)."""
     if max(wanted) > num_steps_tea:
         raise ValueError(f'--num_steps_tea: {num_steps_tea} is smaller than --num_steps {max(wanted)}')
-    return solver_utils.get_schedule(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model=model,
-                                     compat=compat)
+    return schedules.get_schedule(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model=model,
+                                  compat=compat)
 
 
-TEACHER_AFS = {None: False, 'gits-main': True}   # does the teacher take the analytical first step (with --afs)?
+@dataclasses.dataclass
+class Search:
+    """A search after its first stage (`start_search`): what the later stages build on (the
+    paper's cost matrix and DP, `gits_paths`, and free step, `afs_paths`, here; the solver-aware
+    search and refinement, student_search.py)."""
+    t_tea: torch.Tensor         # the teacher grid
+    wanted: list                # the numbers of points searched for, ascending
+    solver: str                 # the student
+    options: dict               # the student's resolved options
+    teacher_options: dict
+    teacher_afs: bool
+    data: list                  # [TeacherRound] of this rank
+    teacher_calls: int          # denoiser calls of the teachers on this rank
+    teacher_evals: int          # evaluations (batch rows) of the teachers, all ranks
+    num_warmup: int             # warm-up trajectories, all ranks
+    timing: dict
+
+
+def start_search(rounds, *, num_steps, sigma_min, sigma_max, schedule_type, schedule_rho, solver_tea, num_steps_tea,
+                 afs, solver, model, all_num_steps, compat, metric, timing, **options):
+    """Step 1 for every search: the teacher grid, the student's and the teacher's options, and the
+    teacher runs (their cost matrices for `metric` started on a helper thread where a core is
+    idle; None: no matrices wanted). `timing['teacher']`: the teachers' wall time."""
+    mode = compat_mode(compat)
+    wanted = sorted(set(all_num_steps or [num_steps]))
+    t_tea = teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted, compat)
+    solver = solver or 'ipndm'
+    options, teacher_options = search_options(solver, solver_tea, options, compat, num_steps_tea)
+    teacher_afs = bool(afs) and bool(mode and mode.teacher_afs)
+    t0 = time.perf_counter()
+    data, calls, evals = run_teachers(rounds, t_tea, solver_tea, teacher_afs, compat, metric=metric, **teacher_options)
+    timing['teacher'] = time.perf_counter() - t0
+    return Search(t_tea, wanted, solver, options, teacher_options, teacher_afs, data, calls,
+                  dist.sum_over_ranks(evals), int(dist.sum_over_ranks(sum(r.size for r in data))), timing)
+
+
+def afs_paths(search, paths, schedule_type, solver_tea, compat=None):
+    """Step 4 for every path of `paths` ({num_steps: path}): the path with its free step. Returns
+    (paths, evaluations, all ranks); `search.timing['afs']` adds their wall time. With compat,
+    refused where the reproduced code fails on its candidates."""
+    mode = compat_mode(compat)
+    out, evals = {}, 0
+    for n, path in paths.items():
+        if mode and path[1] - path[0] > 1:          # the reproduced code has candidates to try
+            failure = mode.trial_failure(search.solver, search.options, n, solver_tea, schedule_type)
+            if failure:
+                raise ValueError(failure)
+        t0 = time.perf_counter()
+        _, out[n], spent = afs_free_step(search.data, search.t_tea, path, search.solver, search.options, compat)
+        evals += spent
+        search.timing['afs'] += time.perf_counter() - t0
+    return out, dist.sum_over_ranks(evals)
 
 
 def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='polynomial', schedule_rho=7.0,
@@ -476,46 +498,29 @@ def search_rounds(rounds, *, num_steps, sigma_min, sigma_max, schedule_type='pol
     latents standard normal; first_index numbers the round's trajectories globally (for
     order-exact reduction across processes). `solver` and `options` are the student's solver and
     option flags; the teacher takes them too (`search_options`), and the student's matter for
-    afs's free step. compat='gits-main': the official code's search (its teacher grid, teacher
-    options and afs teacher, its solvers; refused where it fails). `denoise_to_zero` is the
+    afs's free step. compat='gits-main': the official code's search (gits_main.py: its teacher grid,
+    teacher options and afs teacher, its solvers; refused where it fails). `denoise_to_zero` is the
     student's: only compat needs it (the official also denoises the teacher to zero, which is not
     reproduced: refused). Returns ({num_steps: t_steps} for num_steps and every all_num_steps, info)."""
-    solver_utils.check_compat(compat)
-    if compat is not None and denoise_to_zero:
-        raise ValueError(f'--denoise_to_zero: with --dp the official gits-main also denoises its teacher and the '
-                         f'free-step candidates to zero (its dev cost then measures from D(x_last)); --compat={compat} '
-                         'does not reproduce that: drop one of them')
-    wanted = sorted(set(all_num_steps or [num_steps]))
-    t_tea = teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted, compat)
-    solver = solver or 'ipndm'
-    options, teacher_options = search_options(solver, solver_tea, options, compat, num_steps_tea)
-    teacher_afs = bool(afs) and TEACHER_AFS[compat]
-    timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0)
-    t0 = time.perf_counter()
-    data, teacher_calls, teacher_evals = run_teachers(rounds, t_tea, solver_tea, teacher_afs, compat, metric=metric,
-                                                      **teacher_options)
-    timing['teacher'] = time.perf_counter() - t0
-    paths = gits_paths(data, t_tea, wanted, metric, coeff, timing)
-    schedules, afs_evals = {}, 0
-    for n, path in paths.items():
-        t_steps = t_tea[path].clone()
-        if afs:
-            if compat is not None and path[1] - path[0] > 1:      # the official has candidates to try
-                failure = official_trial_failure(solver, options, n, solver_tea, schedule_type, compat)
-                if failure:
-                    raise ValueError(failure)
-            t1 = time.perf_counter()
-            t_steps, paths[n], evals = afs_free_step(data, t_tea, path, solver, options, compat)
-            afs_evals += evals
-            timing['afs'] += time.perf_counter() - t1
-        schedules[n] = t_steps
-    info = dict(teacher_grid=[float(t) for t in t_tea], indices={str(n): p for n, p in paths.items()},
-                num_warmup=int(dist.sum_over_ranks(sum(r.size for r in data))), teacher_evals_this_rank=teacher_calls,
-                evals=dict(teacher=dist.sum_over_ranks(teacher_evals), afs=dist.sum_over_ranks(afs_evals)),
+    mode = compat_mode(compat)
+    if mode:
+        mode.check_search(denoise_to_zero)
+    search = start_search(rounds, num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
+                          schedule_type=schedule_type, schedule_rho=schedule_rho, solver_tea=solver_tea,
+                          num_steps_tea=num_steps_tea, afs=afs, solver=solver, model=model, all_num_steps=all_num_steps,
+                          compat=compat, metric=metric, timing=dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0), **options)
+    paths = gits_paths(search.data, search.t_tea, search.wanted, metric, coeff, search.timing)
+    afs_evals = 0
+    if afs:
+        paths, afs_evals = afs_paths(search, paths, schedule_type, solver_tea, compat)
+    schedules_found = {n: search.t_tea[path].clone() for n, path in paths.items()}
+    info = dict(teacher_grid=[float(t) for t in search.t_tea], indices={str(n): p for n, p in paths.items()},
+                num_warmup=search.num_warmup, teacher_evals_this_rank=search.teacher_calls,
+                evals=dict(teacher=search.teacher_evals, afs=afs_evals),
                 search='gits', refine=False, metric=metric, coeff=coeff, solver_tea=solver_tea,
-                num_steps_tea=num_steps_tea, teacher_options=teacher_options, teacher_afs=teacher_afs, compat=compat,
-                seconds=timing)
-    return schedules, info
+                num_steps_tea=num_steps_tea, teacher_options=search.teacher_options, teacher_afs=search.teacher_afs,
+                compat=compat, seconds=search.timing)
+    return schedules_found, info
 
 
 def warmup_split(denoise, latents, batch_size=None):

@@ -20,7 +20,7 @@ import dnnlib
 import gits
 import models
 import run_schedule
-import solver_utils
+import schedules
 import solvers
 import student_search
 from dnnlib.util import UserError
@@ -154,7 +154,7 @@ def resolve(kwargs, given=()):
     check_one_schedule_source(raw)
     solver_flags = {name: getattr(raw, name) for name in SOLVER_FLAGS}
     try:
-        solver_utils.check_compat(raw.compat)
+        schedules.check_compat(raw.compat)
         t_steps_list = parse_t_steps(raw.t_steps, raw.compat)
         solver_options, teacher_options = resolve_solver_options(raw, solver_flags, t_steps_list)
     except ValueError as e:
@@ -203,9 +203,9 @@ def parse_t_steps(text, compat):
     """--t_steps as a list of floats (None if not given); ValueError naming the flag."""
     if text is None:
         return None
-    values = solver_utils.parse_t_steps(text)
+    values = schedules.parse_t_steps(text)
     if compat is not None:     # the official reads --t_steps into a float32 tensor
-        values = solver_utils.check_t_steps(np.float32(values).tolist())
+        values = schedules.check_t_steps(np.float32(values).tolist())
     return values
 
 

@@ -12,7 +12,7 @@ import sys
 import torch
 
 import schedule_io
-import solver_utils
+import schedules
 import solvers
 import student_search
 from dnnlib.util import UserError
@@ -29,7 +29,7 @@ def build_schedule(opts, model, device):
     if opts.dp:
         return search_for_sampling(model, opts, sigma_min, sigma_max, device)
     try:
-        t = solver_utils.get_schedule(opts.num_steps, sigma_min, sigma_max, opts.schedule_type,
+        t = schedules.get_schedule(opts.num_steps, sigma_min, sigma_max, opts.schedule_type,
                                       opts.schedule_rho, model=model, compat=opts.compat)
     except ValueError as e:
         raise UserError(str(e)) from None
@@ -63,7 +63,7 @@ def schedule_tag(opts):
     logsnr has none), 'gits' (+ '-student', '-refined', and the base type if not polynomial
     rho 7), 'tsteps-' + a hash of a pasted list, 'file-' + the schedule file's name."""
     if opts.t_steps is not None:
-        text = solver_utils.format_t_steps(opts.t_steps_list)
+        text = schedules.format_t_steps(opts.t_steps_list)
         return 'tsteps-' + hashlib.sha1(text.encode()).hexdigest()[:8]
     if opts.schedule_file is not None:
         return 'file-' + os.path.splitext(os.path.basename(opts.schedule_file))[0]
@@ -157,7 +157,7 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     rounds, checks = warmup_rounds(model, opts, device), check_rounds(model, opts, device)
     try:
         with search_progress(opts, rounds + checks) as bar:
-            schedules, info = student_search.search_rounds(
+            found, info = student_search.search_rounds(
                 counted(rounds, bar), check_rounds=counted(checks, bar),
                 num_steps=opts.num_steps, sigma_min=sigma_min, sigma_max=sigma_max,
                 schedule_type=opts.schedule_type, schedule_rho=opts.schedule_rho, solver_tea=opts.solver_tea,
@@ -174,9 +174,9 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     for n, r in sorted(info.get('refined', {}).items(), key=lambda kv: int(kv[0])):
         dist.print0(refinement_line(n, r))
     if opts.save_schedules:
-        dist.on_rank0(lambda: save_schedules(opts.save_schedules, schedules, opts, info, sigma_min, sigma_max, model))
-        info['saved_num_steps'] = sorted(schedules)
-    return schedules[opts.num_steps] if opts.num_steps in schedules else None, info
+        dist.on_rank0(lambda: save_schedules(opts.save_schedules, found, opts, info, sigma_min, sigma_max, model))
+        info['saved_num_steps'] = sorted(found)
+    return found[opts.num_steps] if opts.num_steps in found else None, info
 
 
 def refinement_line(num_steps, r):
@@ -204,7 +204,7 @@ def refinement_line(num_steps, r):
 FILE_FORMAT = 'gits-schedules-v1'
 
 
-def save_schedules(path, schedules, opts, info, sigma_min, sigma_max, model=None):
+def save_schedules(path, found, opts, info, sigma_min, sigma_max, model=None):
     """The searched schedules, with each one also in diffusers' and ComfyUI's forms (schedule_io)."""
     record = dict(
         format=FILE_FORMAT, dataset_name=opts.dataset_name, solver=opts.solver,
@@ -215,9 +215,9 @@ def save_schedules(path, schedules, opts, info, sigma_min, sigma_max, model=None
         warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
         refine_budget=(opts.refine_budget or student_search.REFINE_BUDGET) if info['refine'] else None,
         guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate, class_idx=opts.class_idx,   # provenance
-        schedules={str(n): [float(t) for t in ts] for n, ts in sorted(schedules.items())},
-        t_steps_text={str(n): solver_utils.format_t_steps(ts) for n, ts in sorted(schedules.items())},
-        exports={str(n): schedule_io.exports(ts, model) for n, ts in sorted(schedules.items())},
+        schedules={str(n): [float(t) for t in ts] for n, ts in sorted(found.items())},
+        t_steps_text={str(n): schedules.format_t_steps(ts) for n, ts in sorted(found.items())},
+        exports={str(n): schedule_io.exports(ts, model) for n, ts in sorted(found.items())},
         seconds=info['seconds'])
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -270,6 +270,6 @@ def schedule_from_file(opts, solver_options):
         raise UserError(f'--num_steps: "{path}" holds schedules for num_steps '
                         f'{", ".join(sorted(record["schedules"], key=int))}')
     try:
-        return solver_utils.check_t_steps(record['schedules'][key])
+        return schedules.check_t_steps(record['schedules'][key])
     except (ValueError, TypeError) as e:
         raise UserError(f'--schedule_file: {e}') from None

@@ -25,7 +25,7 @@ import run_record
 import run_schedule
 import schedule_io
 import schedule_presets
-import solver_utils
+import schedules
 import solvers
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
@@ -131,7 +131,7 @@ def load_model(opts, device):
 def announce(opts, model, t_steps, nfe, outdir, done):
     """Print the schedule in paste-able form (and the other forms asked for), and the resume."""
     dist.print0(f'Schedule ({len(t_steps)} points, {opts.solver}, NFE={nfe}): '
-                f'--t_steps={solver_utils.format_t_steps(t_steps)}')
+                f'--t_steps={schedules.format_t_steps(t_steps)}')
     for line in schedule_io.format_lines(t_steps, model, opts.schedule_format):
         dist.print0(line)
     if getattr(model, 'guidance_passes', 1) > 1:
@@ -243,7 +243,7 @@ def list_presets(ctx, _param, value):
 @click.option('--afs', type=BOOL, default=False, help='Analytical first step (saves one evaluation)')
 @click.option('--denoise_to_zero', type=BOOL, default=False, help='Finish with D(x; t_last) (one more evaluation)')
 # Schedule options.
-@click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
+@click.option('--schedule_type', type=click.Choice(list(schedules.SCHEDULES)), default='polynomial', help='Time schedule')
 @click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
 @click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,10.9836,...,0.002], or a preset, e.g. gits_sd15:coeff=1.20:steps=10 (see --list_presets)')
 @click.option('--list_presets', is_flag=True, is_eager=True, expose_value=False, callback=list_presets,

@@ -33,7 +33,7 @@ import math
 
 import torch
 
-import solver_utils
+import schedules
 
 FORMATS = ('t_steps', 'diffusers', 'comfyui', 'all')
 
@@ -54,7 +54,7 @@ def from_diffusers_sigmas(sigmas):
     values = _floats(sigmas)
     if len(values) > 2 and values[-1] == 0:
         values = values[:-1]
-    return torch.tensor(solver_utils.check_t_steps(values), dtype=torch.float64)
+    return torch.tensor(schedules.check_t_steps(values), dtype=torch.float64)
 
 
 def comfyui_sigmas(t_steps):
@@ -68,7 +68,7 @@ def from_comfyui_sigmas(sigmas, sigma_min):
     values = _floats(sigmas)
     if not values or values[-1] != 0:
         raise ValueError('a ComfyUI SIGMAS list ends in 0')
-    return torch.tensor(solver_utils.check_t_steps(values[:-1] + [float(sigma_min)]), dtype=torch.float64)
+    return torch.tensor(schedules.check_t_steps(values[:-1] + [float(sigma_min)]), dtype=torch.float64)
 
 
 def diffusers_timesteps(t_steps, model):

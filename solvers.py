@@ -9,16 +9,15 @@ stacks the trajectory at every point of t_steps (plus D(x_last) with denoise_to_
 `SOLVERS` maps names to functions; `SOLVER_SPECS` records each solver's options, their defaults
 and ranges, and its denoiser evaluations per step (for NFE accounting).
 
-compat='gits-main' reproduces the official GITS code (zju-pi/diff-sampler, gits-main): the same
-output (to round-off) and the same denoiser calls wherever that code runs, and a ValueError
-where it crashes. The multistep solvers then take the official coefficient tables and step-order
-rules (solver_utils), and dpmpp/unipc threshold their data prediction; euler, heun and dpm are
-the same in both. Every difference is listed, with which side is right, in the README.
+compat='gits-main' reproduces the official GITS code (gits_main.py): the multistep solvers take
+its coefficient tables (`tables`), its option defaults and its refusals (`resolve_options`).
 """
 
 import dataclasses
 
+import gits_main       # noqa: F401  (registers --compat=gits-main: schedules.COMPAT_MODES)
 import solver_utils
+from schedules import compat_mode
 from solver_utils import History, afs_slope, combine, dynamic_threshold, finish
 
 
@@ -27,7 +26,6 @@ class SolverSpec:
     evals_per_step: int = 1
     defaults: dict = dataclasses.field(default_factory=dict)   # option -> default
     max_order_range: tuple = None                              # (lo, hi) when max_order is taken
-    extra_evals: object = None      # (num_points, options, compat) -> evaluations beyond the steps'
 
 
 SOLVERS = {}
@@ -36,17 +34,16 @@ SOLVER_SPECS = {}
 OPTION_CHOICES = {'variant': ('bh1', 'bh2'), 'deis_mode': ('tab', 'rhoab')}
 
 
-def register(name, evals_per_step=1, max_order_range=None, extra_evals=None, **defaults):
+def register(name, evals_per_step=1, max_order_range=None, **defaults):
     def decorator(fn):
         SOLVERS[name] = fn
-        SOLVER_SPECS[name] = SolverSpec(evals_per_step, dict(defaults), max_order_range, extra_evals)
+        SOLVER_SPECS[name] = SolverSpec(evals_per_step, dict(defaults), max_order_range)
         return fn
     return decorator
 
 
-def _resolve_thresholding(solver, given, compat):
-    """The thresholding setting: default off, or on where compat follows the official code (which
-    always thresholds the data prediction of dpmpp and unipc); None for the other solvers."""
+def _check_thresholding(solver, given):
+    """Only dpmpp and unipc threshold, and only a data prediction."""
     spec = SOLVER_SPECS[solver]
     takes = 'thresholding' in spec.defaults
     data_prediction = takes and given.get('predict_x0', spec.defaults.get('predict_x0'))
@@ -54,50 +51,23 @@ def _resolve_thresholding(solver, given, compat):
         has = 'it has --predict_x0=False' if takes else 'it has none'
         raise ValueError(f'--thresholding: only dpmpp and unipc with --predict_x0=True threshold a data '
                          f'prediction (solver "{solver}": {has})')
-    if compat is not None and data_prediction and given.get('thresholding') is False:
-        raise ValueError(f'--thresholding: --compat={compat} always thresholds the data prediction, as the '
-                         'official code does (drop --thresholding=False or --compat)')
-    return bool(given.get('thresholding', compat is not None and data_prediction)) if takes else None
-
-
-def _official_failure(solver, out, compat, num_points):
-    """Why the official code (compat) fails on these options and this many time points, or None."""
-    if compat is None:
-        return None
-    if solver in ('ipndm', 'ipndm_v', 'deis') and int(out['max_order']) == 1:
-        return (f'--max_order: the official gits-main {solver} crashes with max_order=1 (its history buffer '
-                f'update fails after the first step); use 2..4 with --compat={compat}')
-    if solver == 'deis' and out['deis_mode'] == 'rhoab' and num_points is not None:
-        return solver_utils.gits_deis_rhoab_failure(int(num_points), int(out['max_order']))
-    return None
-
-
-def official_max_order_failure(solver, options, compat, role='--solver'):
-    """Why the official command line fails for `solver` without --max_order (None: it does not, or
-    the option is given). Its --max_order has no default and every multistep sampler asserts on
-    it, so a run of ipndm, ipndm_v, deis, dpmpp or unipc - as the student, or as the GITS teacher,
-    which gets the same flags - needs it on the command line."""
-    if compat is None or SOLVER_SPECS[solver].max_order_range is None or options.get('max_order') is not None:
-        return None
-    return (f'--max_order: the official gits-main has no default for it, and its {solver} ({role}) fails '
-            f'without one; pass it with --compat={compat}, as the official commands do (e.g. --max_order=4)')
 
 
 def resolve_options(solver, options, compat=None, num_points=None):
     """Validate the user's options for `solver` (None means 'not given') and fill in defaults.
-    With `compat`, also refuse what the official code cannot run (some checks need `num_points`,
-    the schedule's length). Raises ValueError with one line naming the flag and the allowed values."""
-    solver_utils.check_compat(compat)
+    With `compat`, the reproduced code's defaults, and a refusal of what it cannot run (some checks
+    need `num_points`, the schedule's length). Raises ValueError with one line naming the flag and
+    the allowed values."""
+    mode = compat_mode(compat)
     if solver not in SOLVERS:
         raise ValueError(f'--solver: unknown solver "{solver}"; choose one of {", ".join(SOLVERS)}')
     spec = SOLVER_SPECS[solver]
     given = {k: v for k, v in options.items() if v is not None}
-    thresholding = _resolve_thresholding(solver, given, compat)
+    _check_thresholding(solver, given)
     for key in given:
         if key not in spec.defaults:
             takes = ', '.join('--' + k for k in spec.defaults) or 'no options'
             raise ValueError(f'--{key}: not an option of solver "{solver}" (it takes {takes})')
-    out = dict(spec.defaults, **given)
     if 'max_order' in given:
         lo, hi = spec.max_order_range
         if not (lo <= int(given['max_order']) <= hi):
@@ -105,25 +75,29 @@ def resolve_options(solver, options, compat=None, num_points=None):
     for key, choices in OPTION_CHOICES.items():
         if key in given and given[key] not in choices:
             raise ValueError(f'--{key}: must be one of {", ".join(choices)} (got "{given[key]}")')
-    if thresholding is not None:
-        out['thresholding'] = thresholding
-    failure = _official_failure(solver, out, compat, num_points)
-    if failure:
-        raise ValueError(failure)
-    return out
+    out = dict(spec.defaults, **given)
+    if 'thresholding' in out:
+        out['thresholding'] = bool(out['thresholding'])
+    return mode.resolve_options(solver, given, out, num_points) if mode else out
+
+
+def official_max_order_failure(solver, options, compat, role='--solver'):
+    """Why the reproduced code's command line (compat) fails for `solver` without --max_order
+    (None: it does not, or there is no compat)."""
+    mode = compat_mode(compat)
+    return mode.max_order_failure(solver, SOLVER_SPECS[solver], options, role) if mode else None
 
 
 def count_nfe(solver, num_points, afs=False, denoise_to_zero=False, compat=None, **options):
     """Denoiser evaluations used by `solver` on a schedule of `num_points` noise levels (options:
     the solver's, None or missing for its default; they matter only where compat changes the count)."""
-    solver_utils.check_compat(compat)
+    mode = compat_mode(compat)
     spec = SOLVER_SPECS[solver]
-    steps = num_points - 1
     extra = 0
-    if spec.extra_evals is not None:
+    if mode:
         given = {k: v for k, v in options.items() if v is not None and k in spec.defaults}
-        extra = spec.extra_evals(num_points, dict(spec.defaults, **given), compat)
-    return steps * spec.evals_per_step + extra - int(bool(afs)) + int(bool(denoise_to_zero))
+        extra = mode.extra_evals(solver, num_points, dict(spec.defaults, **given))
+    return (num_points - 1) * spec.evals_per_step + extra - int(bool(afs)) + int(bool(denoise_to_zero))
 
 
 def _floats(t_steps):
@@ -189,7 +163,23 @@ def dpm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=
 
 
 # ----------------------------------------------------------------------------------------------
-# Multistep solvers: a coefficient table from solver_utils (once per schedule) and one loop.
+# Multistep solvers: a coefficient table (once per schedule) and one loop.
+
+TABLES = {   # ours; a reproduced code base (compat) brings its own (gits_main.TABLES)
+    'ipndm': solver_utils.ipndm_table,
+    'ipndm_v': lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'sigma', 'eps'),
+    'deis_tab': lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'vp_time', 'eps'),
+    'deis_rhoab': lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'sigma', 'eps'),
+    'dpmpp': solver_utils.dpmpp_table,
+    'unipc': solver_utils.unipc_table,
+}
+
+
+def tables(compat=None):
+    """The coefficient table builders: ours, or those of the code base `compat` reproduces."""
+    mode = compat_mode(compat)
+    return mode.tables if mode else TABLES
+
 
 def _output(denoise, x, t, form, thresholding):
     """The model output a table combines: D ('x0', optionally thresholded) or the slope
@@ -253,14 +243,8 @@ def ipndm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inter
     the history up to max_order (order max_order only on grids uniform in sigma)."""
     ts = tuple(_floats(t_steps))
     _validated('ipndm', compat, ts, max_order=max_order)
-    return _multistep(denoise, x, ts, solver_utils.ipndm_table(ts, int(max_order)), 'eps',
+    return _multistep(denoise, x, ts, tables(compat)['ipndm'](ts, int(max_order)), 'eps',
                       afs, denoise_to_zero, return_inters)
-
-
-IPNDM_V_TABLES = {
-    None: lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'sigma', 'eps'),
-    'gits-main': solver_utils.gits_ipndm_v_table,
-}
 
 
 @register('ipndm_v', max_order_range=(1, 4), max_order=4)
@@ -270,16 +254,8 @@ def ipndm_v(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_int
     integral over the step of the polynomial through the last max_order slopes, in sigma)."""
     ts = tuple(_floats(t_steps))
     _validated('ipndm_v', compat, ts, max_order=max_order)
-    table = IPNDM_V_TABLES[compat](ts, int(max_order))
+    table = tables(compat)['ipndm_v'](ts, int(max_order))
     return _multistep(denoise, x, ts, table, 'eps', afs, denoise_to_zero, return_inters)
-
-
-DEIS_TABLES = {   # (compat, deis_mode) -> (ts, max_order) -> table
-    (None, 'tab'): lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'vp_time', 'eps'),
-    (None, 'rhoab'): lambda ts, max_order: solver_utils.adams_table(ts, max_order, 'sigma', 'eps'),
-    ('gits-main', 'tab'): solver_utils.gits_deis_tab_table,
-    ('gits-main', 'rhoab'): solver_utils.gits_deis_rhoab_table,
-}
 
 
 @register('deis', max_order_range=(1, 4), max_order=4, deis_mode='tab')
@@ -291,7 +267,7 @@ def deis(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters
     (quadrature). 'rhoab': polynomial in rho = sigma, integrated exactly (this equals ipndm_v)."""
     ts = tuple(_floats(t_steps))
     _validated('deis', compat, ts, max_order=max_order, deis_mode=deis_mode)
-    table = DEIS_TABLES[compat, deis_mode](ts, int(max_order))
+    table = tables(compat)['deis_' + deis_mode](ts, int(max_order))
     return _multistep(denoise, x, ts, table, 'eps', afs, denoise_to_zero, return_inters)
 
 
@@ -311,17 +287,12 @@ def dpmpp(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inter
     opts = _validated('dpmpp', compat, ts, max_order=max_order, predict_x0=predict_x0,
                       lower_order_final=lower_order_final, thresholding=thresholding)
     form = _form(predict_x0)
-    table = solver_utils.dpmpp_table(ts, int(max_order), form, bool(lower_order_final), compat)
+    table = tables(compat)['dpmpp'](ts, int(max_order), form, bool(lower_order_final))
     return _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters,
                       thresholding=opts['thresholding'])
 
 
-def _unipc_extra_evals(num_points, options, compat):
-    """The official corrects the last step when it is still in the warm-up (one more evaluation)."""
-    return int(solver_utils.unipc_corrects_last_step(num_points - 1, int(options['max_order']), compat))
-
-
-@register('unipc', max_order_range=(1, 3), extra_evals=_unipc_extra_evals, max_order=3, predict_x0=True,
+@register('unipc', max_order_range=(1, 3), max_order=3, predict_x0=True,
           lower_order_final=True, variant='bh2', thresholding=False)
 def unipc(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
           max_order=3, predict_x0=True, lower_order_final=True, variant='bh2', thresholding=None):
@@ -332,6 +303,6 @@ def unipc(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inter
     opts = _validated('unipc', compat, ts, max_order=max_order, predict_x0=predict_x0,
                       lower_order_final=lower_order_final, variant=variant, thresholding=thresholding)
     form = _form(predict_x0)
-    pred, corr = solver_utils.unipc_table(ts, int(max_order), form, variant, bool(lower_order_final), compat)
+    pred, corr = tables(compat)['unipc'](ts, int(max_order), form, variant, bool(lower_order_final))
     return _multistep(denoise, x, ts, pred, form, afs, denoise_to_zero, return_inters, corrector=corr,
                       thresholding=opts['thresholding'])

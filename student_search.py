@@ -12,8 +12,10 @@ whatever solver will sample. Here:
   (`refine_schedule`, `refine_found`), starting from the best of the GITS, solver-aware and fixed
   schedules.
 
-Both reuse the paper's teacher runs (gits.TeacherRound). `search_rounds` and `search_schedule`
-take the paper's arguments plus search=, refine=, refine_budget= and student_grid=.
+Both extend the paper's search (gits.py): `search_rounds` starts with its first stage
+(gits.start_search: teacher grid, options, teacher runs), takes its paths (gits.gits_paths, with
+afs gits.afs_paths) where a refinement starts from them, and adds its own stages. It and
+`search_schedule` take the paper's arguments plus search=, refine=, refine_budget= and student_grid=.
 """
 
 import math
@@ -22,6 +24,7 @@ import time
 import torch
 
 import gits
+import schedules
 import solver_utils
 import solvers
 from torch_utils import distributed as dist
@@ -427,7 +430,7 @@ def refine_found(data, check, t_tea, found, points, solver, options, afs=False, 
     DP did not price (if it is among them). Returns (inits, t_steps, info)."""
     inits = {name: t_tea[path].clone() for name, path in found.items() if len(path) == points}
     for kind, rho in FIXED_SCHEDULES:
-        inits[kind] = solver_utils.get_schedule(points, float(t_tea[-1]), float(t_tea[0]), kind, rho)
+        inits[kind] = schedules.get_schedule(points, float(t_tea[-1]), float(t_tea[0]), kind, rho)
     exclude = STUDENT_SUBSET if 'student' in inits else 0
     t_steps, info = refine_schedule(data, check, inits, solver, options, afs, budget, timing, exclude=exclude)
     return inits, t_steps, info
@@ -480,52 +483,41 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     if search not in SEARCH_MODES:
         raise ValueError(f'--search: unknown mode "{search}"; choose one of {", ".join(SEARCH_MODES)}')
     paper = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type,
-                 schedule_rho=schedule_rho, solver_tea=solver_tea, num_steps_tea=num_steps_tea, metric=metric,
-                 coeff=coeff, afs=afs, solver=solver, model=model, all_num_steps=all_num_steps)
+                 schedule_rho=schedule_rho, solver_tea=solver_tea, num_steps_tea=num_steps_tea, afs=afs, solver=solver,
+                 model=model, all_num_steps=all_num_steps)
     if search == 'gits' and not refine:
-        return gits.search_rounds(rounds, **paper, compat=compat, denoise_to_zero=denoise_to_zero, **options)
+        return gits.search_rounds(rounds, **paper, metric=metric, coeff=coeff, compat=compat,
+                                  denoise_to_zero=denoise_to_zero, **options)
     if compat is not None:
         flag = '--refine' if refine else '--search'
         raise ValueError(f'{flag}: the solver-aware search and refinement are not in the paper\'s code; '
                          f'drop {flag} or --compat={compat}')
-    wanted = sorted(set(all_num_steps or [num_steps]))
-    t_tea = gits.teacher_grid(num_steps_tea, sigma_min, sigma_max, schedule_type, schedule_rho, model, wanted)
-    solver = solver or 'ipndm'
-    options, teacher_options = gits.search_options(solver, solver_tea, options, num_steps_tea=num_steps_tea)
+    # The paper's teacher runs (their cost matrices wanted only for the GITS schedule a refinement starts from).
     timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0, student=0.0, check=0.0, refine=0.0)
-    t0 = time.perf_counter()
-    data, teacher_calls, teacher_evals = gits.run_teachers(rounds, t_tea, solver_tea, metric=metric if refine else None,
-                                                           **teacher_options)
-    timing['teacher'] = time.perf_counter() - t0
-    total_teacher = dist.sum_over_ranks(teacher_evals)
-    num_warmup = dist.sum_over_ranks(sum(r.size for r in data))
+    base = gits.start_search(rounds, **paper, compat=None, metric=metric if refine else None, timing=timing, **options)
+    t_tea, wanted, solver, options, data = base.t_tea, base.wanted, base.solver, base.options, base.data
     extra = int(bool(afs))        # with afs every search returns one more point at the same NFE
     budget, check, num_check, check_evals = None, [], 0, 0
     if refine:
-        check, num_check, check_evals = refinement_check(check_rounds, t_tea, solver_tea, teacher_options,
-                                                         total_teacher, num_warmup,
-                                                         int(refine_budget * total_teacher), timing)
-        budget = schedule_budget(refine_budget, total_teacher, check_evals, len(wanted))
-    gits_found = gits.gits_paths(data, t_tea, wanted, metric, coeff, timing) if refine or search == 'gits' else {}
+        check, num_check, check_evals = refinement_check(check_rounds, t_tea, solver_tea, base.teacher_options,
+                                                         base.teacher_evals, base.num_warmup,
+                                                         int(refine_budget * base.teacher_evals), timing)
+        budget = schedule_budget(refine_budget, base.teacher_evals, check_evals, len(wanted))
+    gits_found, afs_evals = {}, 0
+    if refine or search == 'gits':        # the paper's paths, with afs their free step
+        gits_found = gits.gits_paths(data, t_tea, wanted, metric, coeff, timing)
+        if afs:
+            gits_found, afs_evals = gits.afs_paths(s, gits_found, schedule_type, solver_tea)
     student, student_evals = ({}, 0)
     if search == 'student' or refine:
         student, student_evals = student_dp(data, t_tea, max(wanted) - 1 + extra, solver, options, afs, coeff,
                                             grid=student_grid, timing=timing)
-    chosen, afs_evals = {}, 0
+    chosen = {}
     for n in wanted:
-        found = {}
-        if n in gits_found:
-            path = gits_found[n]
-            if afs:
-                t1 = time.perf_counter()
-                _, path, evals = gits.afs_free_step(data, t_tea, path, solver, options)
-                afs_evals += evals
-                timing['afs'] += time.perf_counter() - t1
-            found['gits'] = path
+        found = {'gits': gits_found[n]} if n in gits_found else {}
         if n + extra in student:
             found['student'] = student[n + extra]
         chosen[n] = found
-    afs_evals = dist.sum_over_ranks(afs_evals)
     schedules, refined = {}, {}
     for n, found in chosen.items():
         path = found.get(search)
@@ -539,12 +531,12 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     info = dict(teacher_grid=[float(t) for t in t_tea],
                 indices={str(k): v.get(search) for k, v in chosen.items()},
                 paths={str(k): v for k, v in chosen.items()},
-                num_warmup=int(num_warmup), teacher_evals_this_rank=teacher_calls,
-                evals=dict(teacher=total_teacher, afs=afs_evals, student=student_evals, check=check_evals,
+                num_warmup=base.num_warmup, teacher_evals_this_rank=base.teacher_calls,
+                evals=dict(teacher=base.teacher_evals, afs=afs_evals, student=student_evals, check=check_evals,
                            refine=sum(r['evals'] for r in refined.values())),
                 num_check=num_check,
                 refined=refined, search=search, refine=bool(refine), metric=metric, coeff=coeff,
-                solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=teacher_options, compat=None,
+                solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=base.teacher_options, compat=None,
                 seconds=timing)
     return schedules, info
 

@@ -32,7 +32,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib                    # noqa: E402
 import gits                      # noqa: E402
 import models                    # noqa: E402
-import solver_utils              # noqa: E402
+import schedules                 # noqa: E402
 import solvers                   # noqa: E402
 from torch_utils import misc     # noqa: E402
 from analytic import latents, num_points_for, parse_models_and_seeds, run_and_write   # noqa: E402
@@ -75,7 +75,7 @@ def run_model(model, seeds, warmup_seeds):
         schedule, rho = RECIPES[solver]
         cells = []
         for nfe in NFES:
-            ts = solver_utils.get_schedule(num_points_for(solver, nfe), model.sigma_min, model.sigma_max, schedule, rho)
+            ts = schedules.get_schedule(num_points_for(solver, nfe), model.sigma_min, model.sigma_max, schedule, rho)
             fn = solvers.SOLVERS[solver]
             cells.append([per_seed_rmse(fn(model.denoise, x, ts, **options, **extra), exact) for extra in (ours, official)])
         rows.append(dict(difference=difference, solver=solver, options=options, official=official, schedule=schedule,
@@ -83,7 +83,7 @@ def run_model(model, seeds, warmup_seeds):
     cells = []
     for nfe in NFES:          # the official time_uniform schedule (float32; ends at 0.0020132), our DEIS
         n = num_points_for('deis', nfe)
-        cells.append([per_seed_rmse(solvers.deis(model.denoise, x, solver_utils.get_schedule(
+        cells.append([per_seed_rmse(solvers.deis(model.denoise, x, schedules.get_schedule(
             n, model.sigma_min, model.sigma_max, 'time_uniform', 2.0, compat=compat)), exact) for compat in (None, COMPAT)])
     rows.append(dict(difference='time_uniform schedule in float32', solver='deis', options={},
                      official=dict(schedule_compat=COMPAT), schedule='time_uniform', rmse=cells))
@@ -94,13 +94,13 @@ def run_model(model, seeds, warmup_seeds):
     exact_sd = model.exact(x_sd, hi, lo)
     cells = []
     for nfe in NFES:
-        ts = solver_utils.get_schedule(num_points_for('deis', nfe), lo, hi, 'time_uniform', 2.0)
+        ts = schedules.get_schedule(num_points_for('deis', nfe), lo, hi, 'time_uniform', 2.0)
         cells.append([per_seed_rmse(solvers.deis(model.denoise, x_sd, ts, compat=compat), exact_sd)
                       for compat in (None, COMPAT)])
     rows.append(dict(difference=f'DEIS tAB VP map of (0.002, 80) on sigma {lo}..{hi}', solver='deis', options={},
                      official=dict(compat=COMPAT), schedule='time_uniform', rmse=cells))
     short = []
-    ts = solver_utils.get_schedule(3, model.sigma_min, model.sigma_max, 'logsnr')
+    ts = schedules.get_schedule(3, model.sigma_min, model.sigma_max, 'logsnr')
     for difference, solver, options, ours, official in SHORT_ROWS:
         fn = solvers.SOLVERS[solver]
         short.append(dict(difference=difference, solver=solver, options=options, official=official,

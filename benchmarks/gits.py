@@ -53,7 +53,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib                      # noqa: E402
 import gits                        # noqa: E402
 import models                      # noqa: E402
-import solver_utils                # noqa: E402
+import schedules                   # noqa: E402
 import solvers                     # noqa: E402
 import student_search             # noqa: E402
 from torch_utils import misc       # noqa: E402
@@ -156,10 +156,10 @@ def run_cell(ctx, solver, nfe):
     # Every fixed schedule is measured even if the refinement could not afford to compare it; the
     # starts themselves are the tensors refine_found started from.
     smin, smax = float(ctx.t_tea[-1]), float(ctx.t_tea[0])
-    schedules = {kind: solver_utils.get_schedule(points, smin, smax, kind, rho) for kind, rho in FIXED.items()}
-    schedules.update(inits)
-    schedules['refined'] = refined
-    errors = {k: held_out(ctx.model, ctx.latents, ctx.ref, ts, solver, options, afs) for k, ts in schedules.items()}
+    candidates = {kind: schedules.get_schedule(points, smin, smax, kind, rho) for kind, rho in FIXED.items()}
+    candidates.update(inits)
+    candidates['refined'] = refined
+    errors = {k: held_out(ctx.model, ctx.latents, ctx.ref, ts, solver, options, afs) for k, ts in candidates.items()}
     best_fixed = min(FIXED, key=lambda k: float(errors[k].mean()))
     errors['best_fixed'] = errors[best_fixed]
     errors['baseline'] = errors[BASELINE[solver]]
@@ -175,7 +175,7 @@ def run_cell(ctx, solver, nfe):
                cost=dict(student_evals=student_evals, student_seconds=student_seconds, afs_evals=afs_evals,
                          afs_seconds=afs_seconds, check_evals=ctx.check_evals, refine_evals=info['evals'],
                          refine_budget=budget, refine_seconds=refine_seconds),
-               schedules={k: solver_utils.format_t_steps(v) for k, v in schedules.items()})
+               schedules={k: schedules.format_t_steps(v) for k, v in candidates.items()})
     return row, errors
 
 
@@ -191,7 +191,7 @@ def run_dataset(name, opts):
     ctx.ref = model.exact(ctx.latents * smax, smax, smin)
     print(f'[{name}] exact reference for {opts.num_eval} seeds: {time.perf_counter() - t0:.1f}s', flush=True)
 
-    ctx.t_tea = solver_utils.get_schedule(opts.num_steps_tea, smin, smax, 'polynomial', 7.0)
+    ctx.t_tea = schedules.get_schedule(opts.num_steps_tea, smin, smax, 'polynomial', 7.0)
     timing = {}
     t0 = time.perf_counter()
     ctx.data, _, ctx.teacher_evals = gits.run_teachers([(0, model.denoise, warm)], ctx.t_tea, opts.solver_tea)

@@ -29,7 +29,7 @@ import dnnlib                      # noqa: E402
 import gits                        # noqa: E402
 import models                      # noqa: E402
 import schedule_presets            # noqa: E402
-import solver_utils                # noqa: E402
+import schedules                   # noqa: E402
 import solvers                     # noqa: E402
 from torch_utils import misc       # noqa: E402
 from analytic import paired         # noqa: E402
@@ -51,7 +51,7 @@ def schedules_for(nfe, search):
     return dict(gits_here=search(nfe + 1),
                 gits_table=as_tensor(schedule_presets.preset_t_steps(f'gits_sd15:coeff=1.20:steps={nfe}')),
                 ays=as_tensor(schedule_presets.preset_t_steps(f'ays_sd15:steps={nfe}')),
-                polynomial=solver_utils.get_schedule(nfe + 1, SIGMA_MIN, SIGMA_MAX, 'polynomial', 7.0))
+                polynomial=schedules.get_schedule(nfe + 1, SIGMA_MIN, SIGMA_MAX, 'polynomial', 7.0))
 
 
 def rmse_per_seed(model, lat, ref, t_steps, solver):
@@ -80,7 +80,7 @@ def run_model(name, opts):
     for nfe in opts.nfe_list:
         scheds = schedules_for(nfe, search)
         assert all(solvers.count_nfe(s, nfe + 1) == nfe for s in opts.solver_list)
-        row = dict(schedules={k: solver_utils.format_t_steps(v) for k, v in scheds.items()}, solvers={})
+        row = dict(schedules={k: schedules.format_t_steps(v) for k, v in scheds.items()}, solvers={})
         for solver in opts.solver_list:
             errors = {k: rmse_per_seed(model, lat, ref, t, solver) for k, t in scheds.items()}
             row['solvers'][solver] = {k: dict(rmse=float(e.mean()), **paired(e, errors['gits_here']))

@@ -31,7 +31,7 @@ import dnnlib                      # noqa: E402
 import gits                        # noqa: E402
 import models                      # noqa: E402
 import run_schedule                # noqa: E402
-import solver_utils                # noqa: E402
+import schedules                   # noqa: E402
 import solvers                     # noqa: E402
 from torch_utils import misc       # noqa: E402
 
@@ -53,7 +53,7 @@ def one_search(model, opts):
     teacher's time is the mean of its two runs, so that a drift of the machine's speed over the
     repeat cancels. Wall and CPU seconds, and the schedule."""
     rounds = run_schedule.warmup_rounds(model, opts, model.device)
-    t_tea = solver_utils.get_schedule(opts.num_steps_tea, model.sigma_min, model.sigma_max, 'polynomial', 7.0)
+    t_tea = schedules.get_schedule(opts.num_steps_tea, model.sigma_min, model.sigma_max, 'polynomial', 7.0)
     split = {}
 
     def teacher():

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib                    # noqa: E402
 import models                    # noqa: E402
-import solver_utils              # noqa: E402
+import schedules                 # noqa: E402
 import solvers                   # noqa: E402
 from analytic import latents, num_points_for, parse_models_and_seeds, run_and_write   # noqa: E402
 from torch_utils import misc     # noqa: E402
@@ -37,7 +37,7 @@ RECIPES = {'euler': 'polynomial', 'heun': 'polynomial', 'dpm': 'polynomial', 'ip
 def solver_overhead(solver, x, num_points, repeats=20):
     """Seconds per step spent in the solver itself: the denoiser returns a precomputed tensor."""
     fixed = torch.zeros_like(x)
-    ts = solver_utils.get_schedule(num_points, 0.002, 80)
+    ts = schedules.get_schedule(num_points, 0.002, 80)
     fn = solvers.SOLVERS[solver]
     fn(lambda x_, s: fixed, x, ts)       # warm the coefficient cache, as repeated batches do
     best = float('inf')
@@ -67,7 +67,7 @@ def run(model_names, seeds, afs):
                     if n is None or n < 2:
                         row.append(None)
                         continue
-                    ts = solver_utils.get_schedule(n, model.sigma_min, model.sigma_max, schedule, rho)
+                    ts = schedules.get_schedule(n, model.sigma_min, model.sigma_max, schedule, rho)
                     out = solvers.SOLVERS[solver](model.denoise, x, ts, afs=afs)
                     row.append(float(misc.per_seed_rmse(out, exact).mean()))
                 table[f'{solver}/{schedule}'] = row

@@ -40,7 +40,7 @@ sys.path.insert(0, ROOT)
 
 import dnnlib                  # noqa: E402
 import models                  # noqa: E402
-import solver_utils            # noqa: E402
+import schedules               # noqa: E402
 import solvers                 # noqa: E402
 from dnnlib.util import UserError   # noqa: E402
 from torch_utils import misc   # noqa: E402
@@ -188,7 +188,7 @@ def batch_sizes(num_seeds, batch):
 # ----------------------------------------------------------------------------------------------
 
 def benchmark_solver(model, solver, opts, device, sync, workdir):
-    t_steps = solver_utils.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max)
+    t_steps = schedules.get_schedule(opts.num_steps, model.sigma_min, model.sigma_max)
     nfe = solvers.count_nfe(solver, opts.num_steps)
     row = dict(solver=solver, num_steps=opts.num_steps, nfe=nfe, batch=opts.batch, runs=[])
     for i, num_seeds in enumerate(opts.seed_count_list):

@@ -2,8 +2,8 @@
 for tests of compat='gits-main'. Written from the formulas read there and rearranged by hand
 (the iPNDM-v weights simplified, DPM-Solver++ and UniPC from their papers' notation with the
 official step-order rules), as plain float64 loops over the steps; the DEIS tAB coefficients
-follow the official float32 Riemann-sum rule in numpy. It shares no code with solvers.py or
-solver_utils.py.
+follow the official float32 Riemann-sum rule step by step (torch float32, autograd). It shares
+no code with solvers.py, solver_utils.py or gits_main.py.
 
 `sample(name, denoise, x, ts, afs, **options)` returns the trajectory (a list: x at every t_steps
 point, then D(x_last) with denoise_to_zero) or raises OfficialCrash where the official code fails.
@@ -121,59 +121,50 @@ def _ipndm_v_coefficients(ts, i, p):
 
 
 def _deis_vp_f32():
-    """The official VP map coefficients for sigma in [0.002, 80], eps = 1e-3, in float32."""
-    f = np.float32
-    lo = np.log(f(0.002) * f(0.002) + f(1))
-    hi = np.log(f(80) * f(80) + f(1))
-    beta_d = f(2) * (lo / f(1e-3) - hi) / f(1e-3 - 1)
-    return beta_d, hi - f(0.5) * beta_d
+    """The official VP map coefficients for sigma in [0.002, 80], eps = 1e-3, as float32 torch
+    scalars (it takes np.log of float32 tensors, which gives float32 tensors back)."""
+    f = lambda v: torch.tensor(v, dtype=torch.float32)
+    log = lambda t: torch.tensor(np.log(t.numpy()), dtype=torch.float32)
+    lo, hi = log(f(0.002) ** 2 + 1), log(f(80.0) ** 2 + 1)
+    beta_d = 2 * (lo / 1e-3 - hi) / (1e-3 - 1)
+    return beta_d, hi - 0.5 * beta_d
 
 
 def _vp_times(ts):
+    """The VP times of the schedule as the official holds it: a float32 tensor, mapped in float32."""
     bd, bm = _deis_vp_f32()
-    sig = np.asarray(ts, dtype=np.float64)
-    # beta_min^2 and 2 beta_d are float32 products, the rest float64 (as the official computes it)
-    return (np.sqrt(np.float32(bm * bm) + np.float64(np.float32(2) * bd) * np.log(sig * sig + 1)) - np.float64(bm)) \
-        / np.float64(bd)
+    sigma = torch.tensor(list(ts), dtype=torch.float32)
+    return ((bm ** 2 + 2 * bd * (sigma ** 2 + 1).log()).sqrt() - bm) / bd
 
 
-# float32 primitives: the official uses torch's. Close to sigma_min, 1 - abar is a few float32
-# ulps of abar, so one ulp of rounding moves a point's integrand by up to ~1%, and numpy's
-# linspace/exp/sum round differently: with numpy the last step's weights move by up to ~1e-5
-# relative (test_compat checks both: torch to round-off, numpy to that level).
-FLOAT32 = {
-    'torch': dict(linspace=lambda a, b, n: torch.linspace(float(a), float(b), n, dtype=torch.float32),
-                  exp=torch.exp, sqrt=torch.sqrt, total=lambda v: float(torch.sum(v)),
-                  f32=lambda v: torch.tensor(float(v), dtype=torch.float32)),
-    'numpy': dict(linspace=lambda a, b, n: np.linspace(a, b, n).astype(np.float32),
-                  exp=np.exp, sqrt=np.sqrt, total=lambda v: float(np.sum(v, dtype=np.float32)), f32=np.float32),
-}
-
-
-def _deis_tab_coefficients(ts, i, p, points=10_000, primitives='torch'):
+def _deis_tab_coefficients(ts, i, p, points=10_000):
     """Order 1: Euler. Else the integrals over VP time of dsigma/dtau times the Lagrange basis
-    through the VP times of t_i, t_{i-1}, ...: float32 throughout, the integrand at `points`
-    equally spaced VP times including both ends, summed, times (tau_{i+1} - tau_i) / points.
-    dsigma/dtau in the official's form: -(1/2) (dlog abar/dtau) / sqrt(abar (1 - abar)),
-    abar = exp(-(beta_d/2) tau^2 - beta_min tau), with (beta_0, beta_1) = (beta_min, beta_d + beta_min)
-    so that beta_d enters as beta_1 - beta_0."""
+    through the VP times of t_i, t_{i-1}, ...: float32 throughout (the schedule itself is float32
+    there), the integrand at `points` equally spaced VP times including both ends, summed, times
+    (tau_{i+1} - tau_i) / points. dsigma/dtau in the official's form:
+    -(1/2) (dlog abar/dtau) / sqrt(abar (1 - abar)), abar = exp(-(beta_d/2) tau^2 - beta_min tau),
+    with (beta_0, beta_1) = (beta_min, beta_d + beta_min) so that beta_d enters as beta_1 - beta_0,
+    and dlog abar/dtau by backpropagation through log(abar), as the official takes it."""
     if p == 1:
         return [ts[i + 1] - ts[i]]
-    F = FLOAT32[primitives]
     tau = _vp_times(ts)
     bd, bm = _deis_vp_f32()
-    b0, b1 = F['f32'](bm), F['f32'](bd + bm)
-    taus = F['linspace'](tau[i], tau[i + 1], points)
-    abar = F['exp'](-0.5 * taus * taus * (b1 - b0) - taus * b0)
-    f = -0.5 * (-taus * (b1 - b0) - b0) / F['sqrt'](abar * (1 - abar))
+    b0, b1 = bm, bd + bm
+    taus = torch.linspace(tau[i], tau[i + 1], points)
+    with torch.enable_grad():
+        taus.requires_grad_(True)
+        abar = torch.exp(-0.5 * taus ** 2 * (b1 - b0) - taus * b0)
+        abar.log().sum().backward()
+    taus, abar, dlog = taus.detach(), abar.detach(), taus.grad
+    f = -0.5 * dlog / torch.sqrt(abar * (1 - abar))
     nodes = [tau[i - k] for k in range(p)]
     out = []
     for j in range(p):
         basis = 1
         for k in range(p):
             if k != j:
-                basis = basis * ((taus - F['f32'](nodes[k])) / F['f32'](nodes[j] - nodes[k]))
-        out.append(F['total'](f * basis) * (tau[i + 1] - tau[i]) / points)
+                basis = basis * ((taus - nodes[k]) / (nodes[j] - nodes[k]))
+        out.append(float(torch.sum(f * basis) * ((tau[i + 1] - tau[i]) / points)))
     return out
 
 

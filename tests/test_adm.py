@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import models
-import solver_utils
+import schedules
 import solvers
 from dnnlib.util import UserError
 from helpers import (assert_full_size_layout, assert_golden_misses, assert_load_fails, assert_one_line_error,
@@ -342,6 +342,6 @@ def test_sample_gits_with_discrete_schedule(files, tmp_path):
     assert len(record['t_steps']) == 4 and record['search'] is not None
     # The searched points are teacher points: on the discrete grid of 9 points uniform in t.
     model = models.load('imagenet256', model_path=str(files / 'tiny_diffusion.pt'), guidance_rate=0)
-    grid = solver_utils.get_schedule(9, model.sigma_min, model.sigma_max, 'discrete', 1.0, model=model)
+    grid = schedules.get_schedule(9, model.sigma_min, model.sigma_max, 'discrete', 1.0, model=model)
     for t in record['t_steps']:
         assert min(abs(float(g) - t) for g in grid) < 1e-9 * max(t, 1)

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-import solver_utils
+import schedules
 import solvers
 from models.analytic import WaveletMixture, haar2d, ihaar2d
 
@@ -71,7 +71,7 @@ def test_heun_many_steps_matches_exact(request, name):
     data scale; we require RMSE < 1e-4 (data in [-1, 1])."""
     model = request.getfixturevalue(name)
     x = torch.randn(4, *model.shape, generator=torch.Generator().manual_seed(2), dtype=torch.float64) * 80
-    t = solver_utils.get_schedule(400, 0.002, 80)
+    t = schedules.get_schedule(400, 0.002, 80)
     out = solvers.heun(model.denoise, x, t)
     ref = model.exact(x, 80, 0.002)
     assert (out - ref).square().mean().sqrt() < 1e-4
@@ -83,7 +83,7 @@ def test_euler_heun_convergence_orders(gmm):
     ref = gmm.exact(x, 80, 0.002)
 
     def err(fn, n):
-        return float((fn(gmm.denoise, x, solver_utils.get_schedule(n + 1, 0.002, 80)) - ref).square().mean().sqrt())
+        return float((fn(gmm.denoise, x, schedules.get_schedule(n + 1, 0.002, 80)) - ref).square().mean().sqrt())
 
     for fn, order in ((solvers.euler, 1), (solvers.heun, 2)):
         e1, e2 = err(fn, 64), err(fn, 128)
@@ -131,7 +131,7 @@ def slope_turning(model, sigma_below, num=4):
     """Mean over trajectories of the total angle (degrees) the slope dx/dsigma turns through
     below `sigma_below`, on a fine iPNDM run."""
     x = torch.randn(num, *model.shape, generator=torch.Generator().manual_seed(8), dtype=torch.float64) * 80
-    t = solver_utils.get_schedule(61, 0.002, 80)
+    t = schedules.get_schedule(61, 0.002, 80)
     _, xs = solvers.ipndm(model.denoise, x, t, return_inters=True)
     slopes = torch.stack([((xs[i] - model.denoise(xs[i], float(t[i]))) / t[i]).reshape(num, -1)
                           for i in range(len(t)) if t[i] < sigma_below])

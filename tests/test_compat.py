@@ -9,7 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+import gits_main
 import gits_main_reference as official
+import schedules
 import solver_utils as su
 import solvers
 from test_solvers import CONFIGS      # every solver with every option combination
@@ -17,9 +19,9 @@ from test_solvers import CONFIGS      # every solver with every option combinati
 COMPAT = 'gits-main'
 
 SCHEDULES = {     # 3, 6 and 11 time points: polynomial, a rough GITS-like one, logsnr
-    3: tuple(su.get_schedule(3, 0.002, 80, 'polynomial', 7).tolist()),
+    3: tuple(schedules.get_schedule(3, 0.002, 80, 'polynomial', 7).tolist()),
     6: (80.0, 10.9836, 3.8811, 1.584, 0.1698, 0.002),
-    11: tuple(su.get_schedule(11, 0.002, 80, 'logsnr').tolist()),
+    11: tuple(schedules.get_schedule(11, 0.002, 80, 'logsnr').tolist()),
 }
 
 
@@ -82,7 +84,7 @@ def test_official_crashes_are_the_expected_ones():
     max_order 4 runs on any length."""
     den = lambda x, s: 0 * x
     x = torch.ones(1, 1, 2, 2)
-    ts = lambda n: su.get_schedule(n, 0.5, 10, 'logsnr')
+    ts = lambda n: schedules.get_schedule(n, 0.5, 10, 'logsnr')
     for name in ('ipndm', 'ipndm_v', 'deis'):
         with pytest.raises(official.OfficialCrash):
             official.sample(name, den, x, ts(3), max_order=1)
@@ -90,17 +92,17 @@ def test_official_crashes_are_the_expected_ones():
         official.sample('deis', den, x, ts(first_crash - 1), max_order=max_order, deis_mode='rhoab')
         with pytest.raises(official.OfficialCrash):
             official.sample('deis', den, x, ts(first_crash), max_order=max_order, deis_mode='rhoab')
-        assert su.gits_deis_rhoab_failure(first_crash - 1, max_order) is None
-        assert su.gits_deis_rhoab_failure(first_crash, max_order).startswith('--deis_mode')
+        assert gits_main.deis_rhoab_failure(first_crash - 1, max_order) is None
+        assert gits_main.deis_rhoab_failure(first_crash, max_order).startswith('--deis_mode')
     official.sample('deis', den, x, ts(12), max_order=4, deis_mode='rhoab')
-    assert su.gits_deis_rhoab_failure(100, 4) is None
+    assert gits_main.deis_rhoab_failure(100, 4) is None
 
 
 def test_rhoab_max_order_4_reuses_step_3():
     """Official rhoAB max_order 4: steps 4, 5, ... reuse step 3's weights, so it diverges from
     the correct method, which compat=None keeps (= ipndm_v)."""
-    ts = tuple(su.get_schedule(11, 0.002, 80, 'logsnr').tolist())
-    table = su.gits_deis_rhoab_table(ts, 4)
+    ts = tuple(schedules.get_schedule(11, 0.002, 80, 'logsnr').tolist())
+    table = gits_main.deis_rhoab_table(ts, 4)
     correct = su.adams_table(ts, 4, 'sigma')
     assert table[:4] == correct[:4]
     assert all(row == correct[3] for row in table[4:]) and table[4] != correct[4]
@@ -110,7 +112,7 @@ def test_rhoab_max_order_4_reuses_step_3():
 def test_unipc_nfe_short_schedules(max_order, points, extra, gmm, start):
     """The official corrects the last step when it is still in the warm-up: one more
     evaluation (counted by count_nfe, made by the solver, and by the reference)."""
-    ts = su.get_schedule(points, 0.002, 80)
+    ts = schedules.get_schedule(points, 0.002, 80)
     for afs in (False, True):
         expected = points - 1 + extra - int(afs)
         assert solvers.count_nfe('unipc', points, afs=afs, compat=COMPAT, max_order=max_order) == expected
@@ -125,12 +127,12 @@ def test_short_schedule_orders():
     """With 3 points and max_order 3 the official warm-up ignores lower_order_final (order 2 on
     the last step); everywhere else the two order rules agree."""
     assert su.step_orders(2, 3, True) == [1, 1]
-    assert su.step_orders(2, 3, True, COMPAT) == [1, 2]
+    assert gits_main.step_orders(2, 3, True) == [1, 2]
     for n in range(1, 12):
         for p in (1, 2, 3):          # lower_order_final is an option of dpmpp and unipc (max_order <= 3)
             for lof in (False, True):
                 if (n, p, lof) != (2, 3, True):
-                    assert su.step_orders(n, p, lof) == su.step_orders(n, p, lof, COMPAT), (n, p, lof)
+                    assert su.step_orders(n, p, lof) == gits_main.step_orders(n, p, lof), (n, p, lof)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -141,7 +143,7 @@ def test_bad_compat_and_refusals():
     for call in (lambda: solvers.resolve_options('euler', {}, 'foo'),
                  lambda: solvers.euler(lambda x_, s: x_, x, ts, compat='foo'),
                  lambda: solvers.count_nfe('euler', 3, compat='foo'),
-                 lambda: su.get_schedule(5, 0.002, 80, compat='foo')):
+                 lambda: schedules.get_schedule(5, 0.002, 80, compat='foo')):
         with pytest.raises(ValueError) as e:
             call()
         assert str(e.value).startswith('--compat:') and 'gits-main' in str(e.value) and '\n' not in str(e.value)
@@ -212,29 +214,32 @@ def test_thresholding_resolved_defaults():
 # DEIS tAB coefficients: the float32 Riemann rule.
 
 def test_deis_tab_coefficients_float32_rule():
-    """Our official-tAB weights equal the reference's (torch float32 primitives) to round-off
-    and a numpy float32 evaluation of the same rule to 3e-5 (near sigma_min, 1 - abar is a few
-    float32 ulps, so rounding moves single integrand values by ~1%); and they are the Riemann
-    sum's, not exact integrals: they differ from the exact weights (our quadrature in the same
-    float32 VP map) by up to ~1e-5..1e-4 relative."""
-    ts = (80.0, 10.9836, 3.8811, 1.584, 0.5666, 0.1698, 0.002)
-    beta_d, beta_min = (float(v) for v in su.gits_vp_coefficients(*su.GITS_DEIS_RANGE))
-    exact = su.adams_table(ts, 4, 'vp_time')     # ours, for the schedule's own map
-    worst_numpy, worst_exact = 0.0, 0.0
-    for i, (a, w) in enumerate(su.gits_deis_tab_table(ts, 4)):
-        p = len(w)
+    """Our official-tAB weights equal the reference's (the official float32 computation, step by
+    step) to float32 round-off, on a rough schedule and a 61-point teacher grid; and they are that
+    computation's, not a nearby one: the same Riemann rule with VP times computed in float64 (what
+    this code did before) moves the last step's weights by over 1e-5 of a row's largest weight, and
+    the exact integrals (our quadrature in the same float32 VP map) differ by over 1e-5."""
+    rough = (80.0, 10.9836, 3.8811, 1.584, 0.5666, 0.1698, 0.002)
+    teacher = tuple(schedules.get_schedule(61, 0.002, 80, compat=COMPAT).tolist())
+    for ts in (rough, teacher):
+        for i, (a, w) in enumerate(gits_main.deis_tab_table(ts, 4)):
+            expect = official._deis_tab_coefficients(list(ts), i, len(w))
+            err = max(abs(u - v) for u, v in zip(w, expect)) / max(abs(v) for v in w)
+            assert err <= 1e-6, (len(ts), i, err)
+    beta_d, beta_min = (float(v) for v in gits_main.vp_coefficients_f32(*gits_main.DEIS_RANGE))
+    taus64 = schedules.vp_time(np.asarray(rough), beta_d, beta_min)
+    worst_f64, worst_exact = 0.0, 0.0
+    for i, (a, w) in enumerate(gits_main.deis_tab_table(rough, 4)):
+        if len(w) == 1:
+            continue
         scale = max(abs(v) for v in w)
-        for primitives, tol in (('torch', 1e-9), ('numpy', 3e-5)):
-            expect = official._deis_tab_coefficients(list(ts), i, p, primitives=primitives)
-            err = max(abs(u - v) for u, v in zip(w, expect)) / scale
-            assert err <= tol, (i, primitives, err)
-            if primitives == 'numpy':
-                worst_numpy = max(worst_numpy, err)
-        if p > 1:
-            vp = su.lagrange_weights(ts, i, p, 'vp_time', 'eps', (beta_d, beta_min))
-            worst_exact = max(worst_exact, max(abs(u - v) for u, v in zip(w, vp)) / scale)
-    assert worst_exact > 1e-5, worst_exact          # the Riemann rule's own error is visible
-    assert exact[1][1] != su.gits_deis_tab_table(ts, 4)[1][1]
+        f64 = gits_main.deis_tab_weights(torch.tensor(taus64, dtype=torch.float64), i, len(w),
+                                         *gits_main.deis_vp_times(rough)[1:])
+        worst_f64 = max(worst_f64, max(abs(u - v) for u, v in zip(w, f64)) / scale)
+        exact = su.lagrange_weights(rough, i, len(w), 'vp_time', 'eps', (beta_d, beta_min))
+        worst_exact = max(worst_exact, max(abs(u - v) for u, v in zip(w, exact)) / scale)
+    assert worst_f64 > 1e-5, worst_f64
+    assert worst_exact > 1e-5, worst_exact
 
 
 # ----------------------------------------------------------------------------------------------
@@ -279,20 +284,20 @@ def test_official_schedules_float32():
     1e-5 of ours; time_uniform: float32 log(1 + 0.002^2) = log(1 + 34 ulps) moves the last point
     to sqrt(34 * 2^-23) = 0.0020132."""
     for kind, rho in (('polynomial', 7.0), ('logsnr', 7.0), ('polynomial', 3.0)):
-        ours = su.get_schedule(9, 0.002, 80, kind, rho)
-        theirs = su.get_schedule(9, 0.002, 80, kind, rho, compat=COMPAT)
+        ours = schedules.get_schedule(9, 0.002, 80, kind, rho)
+        theirs = schedules.get_schedule(9, 0.002, 80, kind, rho, compat=COMPAT)
         assert theirs.dtype == torch.float64
         assert torch.equal(theirs, theirs.float().double())         # float32 values
         torch.testing.assert_close(theirs, ours, rtol=1e-5, atol=0)
     k = np.arange(9, dtype=np.float32) / np.float32(8)
     a, b = 80 ** (1 / 7), 0.002 ** (1 / 7)
     poly32 = (np.float32(a) + k * np.float32(b - a)) ** np.float32(7)
-    torch.testing.assert_close(su.get_schedule(9, 0.002, 80, compat=COMPAT), torch.from_numpy(poly32).double(),
+    torch.testing.assert_close(schedules.get_schedule(9, 0.002, 80, compat=COMPAT), torch.from_numpy(poly32).double(),
                                rtol=3e-7, atol=0)
-    tu = su.get_schedule(9, 0.002, 80, 'time_uniform', 2.0, compat=COMPAT)
+    tu = schedules.get_schedule(9, 0.002, 80, 'time_uniform', 2.0, compat=COMPAT)
     assert float(tu[-1]) == pytest.approx(math.sqrt(34 * 2.0 ** -23), rel=1e-6)
     assert float(tu[-1]) / 0.002 - 1 > 6e-3
-    torch.testing.assert_close(tu[:-2], su.get_schedule(9, 0.002, 80, 'time_uniform', 2.0)[:-2], rtol=2e-4, atol=0)
+    torch.testing.assert_close(tu[:-2], schedules.get_schedule(9, 0.002, 80, 'time_uniform', 2.0)[:-2], rtol=2e-4, atol=0)
 
 
 def test_official_discrete_schedule(gmm):
@@ -304,13 +309,13 @@ def test_official_discrete_schedule(gmm):
     T = model.num_timesteps
     smin, smax = model.sigma_min, model.sigma_max
     for rho in (1.0, 2.0):
-        theirs = su.get_schedule(11, smin, smax, 'discrete', rho, model=model, compat=COMPAT)
+        theirs = schedules.get_schedule(11, smin, smax, 'discrete', rho, model=model, compat=COMPAT)
         t = (model.sigma_inv(theirs) + 1) / T
         steps = t ** (1 / rho)
         torch.testing.assert_close(steps.diff(), torch.full_like(steps.diff(), float(steps[-1] - steps[0]) / 10),
                                    rtol=1e-6, atol=1e-9)
         assert float(t[0]) == pytest.approx(1.0) and float(t[-1]) == pytest.approx(1 / T)
-        ours = su.get_schedule(11, smin, smax, 'discrete', rho, model=model)
+        ours = schedules.get_schedule(11, smin, smax, 'discrete', rho, model=model)
         apart = float(((theirs - ours) / ours).abs()[1:-1].max())
         if rho == 1.0:
             assert apart < 1e-9

@@ -14,7 +14,7 @@ import gits
 import gits_main_reference as official
 import models
 import sample
-import solver_utils as su
+import schedules
 import solvers
 from helpers import assert_one_line_error, listing, run_here, write_release
 from torch_utils.seeds import seed_batch
@@ -31,7 +31,7 @@ def warm(digits):
 
 @pytest.fixture(scope='module')
 def t_tea():
-    return su.get_schedule(TEA_POINTS, 0.002, 80, 'polynomial', 7.0, compat=COMPAT)
+    return schedules.get_schedule(TEA_POINTS, 0.002, 80, 'polynomial', 7.0, compat=COMPAT)
 
 
 class CountingRows:
@@ -266,7 +266,7 @@ def test_sample_compat_end_to_end(tmp_path, digits):
     assert r.returncode == 0, r.stderr
     record = json.loads((out / 'run.json').read_text())
     assert record['compat'] == COMPAT and record['solver_options']['thresholding'] is True
-    ts = su.get_schedule(6, 0.002, 80, compat=COMPAT)
+    ts = schedules.get_schedule(6, 0.002, 80, compat=COMPAT)
     assert record['t_steps'] == ts.tolist() and record['nfe'] == 5
     noise, denoise = seed_batch(digits, [0, 1, 2, 3], 'cpu')
     x = solvers.dpmpp(denoise, noise * float(ts[0]), ts, compat=COMPAT, max_order=3)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import gits
-import solver_utils
+import schedules
 import solvers
 from helpers import assert_one_line_error, listing, run_cli, run_here, torchrun
 
@@ -71,7 +71,7 @@ def test_cost_matrix_matches_direct_computation(request, name, num):
     same DP path for every number of steps, and do not depend on the batch."""
     model = request.getfixturevalue(name)
     lat = torch.randn(num, *model.shape, generator=torch.Generator().manual_seed(0))
-    t_tea = solver_utils.get_schedule(61, 0.002, 80)
+    t_tea = schedules.get_schedule(61, 0.002, 80)
     xs, ds, _ = gits.teacher_trajectory(model.denoise, lat, t_tea, 'ipndm')
     # Slopes taken from the teacher's own calls equal fresh evaluations.
     for i in (0, 30, 59):
@@ -93,7 +93,7 @@ def test_cost_matrix_does_not_depend_on_the_thread_count(request, name, num):
     costs are the same bits either way (the dev cost's block is fixed for that reason)."""
     model = request.getfixturevalue(name)
     lat = torch.randn(num, *model.shape, generator=torch.Generator().manual_seed(1))
-    t_tea = solver_utils.get_schedule(34, 0.002, 80)           # 33 rows: 32 of 3x32x32 and a partial block
+    t_tea = schedules.get_schedule(34, 0.002, 80)           # 33 rows: 32 of 3x32x32 and a partial block
     xs, ds, _ = gits.teacher_trajectory(model.denoise, lat, t_tea, 'ipndm')
     threads = torch.get_num_threads()
     try:
@@ -113,7 +113,7 @@ def test_cost_matrices_are_computed_beside_the_next_teacher(digits, monkeypatch)
     first call waits until they have started: without overlap it would wait in vain), and the
     search finds the same matrices and schedule as without."""
     lat = torch.randn(6, *digits.shape, generator=torch.Generator().manual_seed(3))
-    t_tea = solver_utils.get_schedule(15, 0.002, 80)
+    t_tea = schedules.get_schedule(15, 0.002, 80)
     started, seen = threading.Event(), []
     original = gits._timed_costs
 
@@ -164,7 +164,7 @@ def test_search_is_deterministic_and_batch_invariant(digits):
     c = gits.search_schedule(digits.denoise, lat, **kw)
     assert torch.equal(a, b) and torch.equal(a, c)
     assert len(a) == 5 and a[0] == 80 and a[-1] == pytest.approx(0.002)
-    grid = solver_utils.get_schedule(21, 0.002, 80)
+    grid = schedules.get_schedule(21, 0.002, 80)
     assert all(any(float(t) == float(g) for g in grid) for t in a)    # points of the teacher grid
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch.overrides import TorchFunctionMode
 
-import solver_utils
+import schedules
 import solvers
 from models import adm, cm, edm, edm_networks, sd, unet
 from models.clip_text import CLIPTextConfig, CLIPTextModel
@@ -99,7 +99,7 @@ def scaled_denoiser(x, sigma):
 
 @pytest.mark.parametrize('solver', sorted(solvers.SOLVERS))
 def test_solvers_move_nothing_between_host_and_device(solver):
-    t_steps = solver_utils.get_schedule(6, 0.002, 80)
+    t_steps = schedules.get_schedule(6, 0.002, 80)
     x = torch.empty(2, 3, 8, 8, device=META)
     with HostTransfers() as seen:
         for options in (dict(), dict(afs=True, denoise_to_zero=True)):

@@ -16,7 +16,7 @@ import torch
 import gits
 import schedule_io
 import schedule_presets as presets
-import solver_utils as su
+import schedules
 from helpers import assert_one_line_error, run_cli
 from models.discrete import DiscreteVPModel, scaled_linear_alphas_cumprod
 
@@ -90,15 +90,15 @@ def test_fewer_steps_and_other_counts():
 
 
 def test_presets_parse_wherever_t_steps_is():
-    assert su.parse_t_steps('gits_sd15:coeff=1.20:steps=6') == presets.GITS_SD15[1.20][4]
-    assert su.parse_t_steps('[3,2,1]') == [3.0, 2.0, 1.0]
+    assert schedules.parse_t_steps('gits_sd15:coeff=1.20:steps=6') == presets.GITS_SD15[1.20][4]
+    assert schedules.parse_t_steps('[3,2,1]') == [3.0, 2.0, 1.0]
     for bad, match in (('foo', 'unknown preset "foo"; presets: gits_sd15, ays_sd15, ays_sdxl'),
                        ('gits_sd15:coeff=1.23', 'coeff must be one of 0.80, 0.85'),
                        ('gits_sd15:steps=1', 'steps must be an integer in 2..1000'),
                        ('ays_sd15:coeff=1.2', 'ays_sd15 takes steps='),
                        ('ays_sd15:steps', 'ays_sd15 takes steps=')):
         with pytest.raises(ValueError, match=match) as e:
-            su.parse_t_steps(bad)
+            schedules.parse_t_steps(bad)
         assert str(e.value).startswith('--t_steps:') and '\n' not in str(e.value)
 
 

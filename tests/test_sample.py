@@ -13,6 +13,7 @@ from PIL import Image
 import options
 import run_record
 import sample
+import schedules
 from conftest import ROOT
 from helpers import assert_one_line_error, listing, run_cli, run_here, torchrun
 
@@ -150,7 +151,7 @@ def test_default_folder_names_never_shared(tmp_path):
             key, value = a[2:].split('=', 1)
             kwargs[key] = {'True': True, 'False': False}.get(value, value)
         kwargs['schedule_rho'] = float(kwargs['schedule_rho'])
-        t_steps_list = sample.solver_utils.parse_t_steps(kwargs['t_steps']) if kwargs['t_steps'] else None
+        t_steps_list = schedules.parse_t_steps(kwargs['t_steps']) if kwargs['t_steps'] else None
         return os.path.basename(run_record.default_outdir(options.Options(**kwargs, t_steps_list=t_steps_list), nfe))
     assert name('--schedule_rho=5') == 'ipndm_nfe6_polynomial-rho5'
     assert name('--schedule_type=time_uniform', '--schedule_rho=1') == 'ipndm_nfe6_time_uniform-rho1'

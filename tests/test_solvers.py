@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import solver_reference as ref  # noqa: E402
+import schedules
 import solver_utils as su
 import solvers
 from helpers import assert_one_line_error, run_cli
@@ -89,7 +90,7 @@ def test_bad_options_cli(args, flag, tmp_path):
 
 def test_identities(gmm):
     x = _latents(gmm, 3) * 80
-    ts = su.get_schedule(8, 0.002, 80)
+    ts = schedules.get_schedule(8, 0.002, 80)
     f = [float(t) for t in ts]
     euler = solvers.euler(gmm.denoise, x, ts)
 
@@ -123,7 +124,7 @@ def test_deis_tab_order1_is_exponential_integrator_weight():
     """Order 1 of tAB integrates the constant eps against the exponential-integrator weight.
     In VP variables that weight is sigma_vp(t') - alpha(t')/alpha(t) sigma_vp(t) (DDIM); in EDM
     variables (x = x_vp / alpha) it is that divided by alpha(t'), i.e. t' - t."""
-    for ts in [(80.0, 0.8, 0.3, 0.05, 0.002), tuple(su.get_schedule(9, 0.002, 80, 'time_uniform', 2).tolist())]:
+    for ts in [(80.0, 0.8, 0.3, 0.05, 0.002), tuple(schedules.get_schedule(9, 0.002, 80, 'time_uniform', 2).tolist())]:
         table = su.adams_table(ts, 1, 'vp_time')
         for i, (a, (w,)) in enumerate(table):
             t, t_next = ts[i], ts[i + 1]
@@ -152,7 +153,7 @@ def test_nfe_afs_and_inters(name, opt, digits):
     afs value at t_0, afs on and off give the same result, with one call less; return_inters
     stacks the trajectory at every t_steps point (plus D(x_last) with denoise_to_zero)."""
     x = _latents(digits, 2) * 80
-    ts = su.get_schedule(7, 0.002, 80)
+    ts = schedules.get_schedule(7, 0.002, 80)
     t0 = float(ts[0])
     afs_value = lambda x_: x_ - t0 * su.afs_slope(x_, t0)     # D_0 that makes d_0 the afs slope
     fn = solvers.SOLVERS[name]
@@ -195,7 +196,7 @@ def _graded(a, b, n):
 GRIDS = {
     # Fixed-weight iPNDM is order p only for equal steps in sigma; Euler and Heun do not care.
     'uniform_sigma': lambda n: torch.linspace(SIGMA_MAX, SIGMA_MIN, n + 1, dtype=torch.float64),
-    'logsnr': lambda n: su.get_schedule(n + 1, SIGMA_MIN, SIGMA_MAX, 'logsnr'),
+    'logsnr': lambda n: schedules.get_schedule(n + 1, SIGMA_MIN, SIGMA_MAX, 'logsnr'),
     # Variable-step methods: any smooth grid, graded at the start.
     'graded_log_sigma': lambda n: _graded(math.log(SIGMA_MAX), math.log(SIGMA_MIN), n).exp(),
     # Smooth in log sigma, graded at both ends (g(v) = v^2 (3 - 2 v)): issue 13 reported DEIS tAB
@@ -203,7 +204,7 @@ GRIDS = {
     # 3.81, 3.90, 3.95), so tAB reaches its order on this grid.
     'smoothstep_log_sigma': lambda n: (math.log(SIGMA_MAX) + (math.log(SIGMA_MIN) - math.log(SIGMA_MAX))
                                        * (lambda v: v ** 2 * (3 - 2 * v))(torch.linspace(0, 1, n + 1, dtype=torch.float64))).exp(),
-    'graded_vp_time': lambda n: su.vp_sigma(_graded(*[float(su.vp_sigma_inv(s, *su.deis_vp_map(SIGMA_MAX, SIGMA_MIN)))
+    'graded_vp_time': lambda n: schedules.vp_sigma(_graded(*[float(schedules.vp_sigma_inv(s, *su.deis_vp_map(SIGMA_MAX, SIGMA_MIN)))
                                                       for s in (SIGMA_MAX, SIGMA_MIN)], n),
                                             *su.deis_vp_map(SIGMA_MAX, SIGMA_MIN)),
 }
@@ -325,7 +326,7 @@ def test_converges_with_default_recipe(name, full_range_problems):
         nfe_hi = 320 if name == 'euler' else 40
         errors = []
         for nfe in (5 if per_step == 1 else 4, nfe_hi):
-            ts = su.get_schedule(nfe // per_step + 1, 0.002, 80, schedule, rho)
+            ts = schedules.get_schedule(nfe // per_step + 1, 0.002, 80, schedule, rho)
             assert solvers.count_nfe(name, len(ts)) == nfe
             errors.append(_rmse(solvers.SOLVERS[name](model.denoise, x, ts), exact))
         assert errors[1] * 20 <= errors[0], (key, errors)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import gits
+import schedules
 import solver_utils
 import solvers
 import student_search
@@ -18,7 +19,7 @@ from helpers import assert_one_line_error, run_cli, torchrun
 @pytest.fixture(scope='module')
 def teacher(digits):
     lat = torch.randn(6, *digits.shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    t_tea = solver_utils.get_schedule(13, 0.002, 80)
+    t_tea = schedules.get_schedule(13, 0.002, 80)
     data, calls, evals = gits.run_teachers([(0, digits.denoise, lat[:4]), (4, digits.denoise, lat[4:])], t_tea)
     assert calls == 2 * 12 and evals == 6 * 12
     return data, t_tea
@@ -110,14 +111,14 @@ def refine_data(digits):
     """32 warm-up trajectories in two rounds and 16 check ones, through a denoiser that counts rows."""
     counter = Counting(digits.denoise)
     lat = torch.randn(48, *digits.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    t_tea = solver_utils.get_schedule(21, 0.002, 80)
+    t_tea = schedules.get_schedule(21, 0.002, 80)
     data, _, teacher_evals = gits.run_teachers([(0, counter, lat[:20]), (20, counter, lat[20:32])], t_tea)
     check, _, _ = gits.run_teachers([(0, counter, lat[32:])], t_tea)
     return data, check, counter, teacher_evals
 
 
 def fixed_inits(points):
-    return {kind: solver_utils.get_schedule(points, 0.002, 80, kind, rho)
+    return {kind: schedules.get_schedule(points, 0.002, 80, kind, rho)
             for kind, rho in student_search.FIXED_SCHEDULES}
 
 
@@ -126,7 +127,7 @@ def test_replayed_runs_equal_fresh_runs_and_skip_the_shared_prefix(teacher, digi
     data, _ = teacher
     rnd = data[0]
     options = solvers.resolve_options(solver, {})
-    ts = solver_utils.get_schedule(6, 0.002, 80)
+    ts = schedules.get_schedule(6, 0.002, 80)
     tape = solver_utils.Recorder(digits.denoise, keep=True)
     base = student_search._run(tape, rnd, 0, rnd.size, ts, solver, options, False)
     assert torch.equal(base, student_search._run(digits.denoise, rnd, 0, rnd.size, ts, solver, options, False))

@@ -9,7 +9,7 @@ import torch
 
 import gits
 from torch_utils.seeds import draw_seed_inputs
-import solver_utils
+import schedules
 import trajectory
 from helpers import assert_one_line_error, run_cli
 
@@ -39,7 +39,7 @@ def test_line_deviation_of_a_parabola():
 
 def test_recorded_denoising_trajectory_matches_fresh_evaluations(digits):
     noise = torch.randn(3, *digits.shape, generator=torch.Generator().manual_seed(1))
-    t_steps = solver_utils.get_schedule(9, 0.002, 80)
+    t_steps = schedules.get_schedule(9, 0.002, 80)
     xs, dens = trajectory.record_trajectories(digits.denoise, noise, t_steps, 'heun')
     assert xs.shape == dens.shape == (9, 3, *digits.shape)
     for i, t in enumerate(t_steps):
@@ -100,7 +100,7 @@ def test_schedules_command_matches_gits_search(tmp_path):
     ref = gits.search_schedule(model.denoise, noise.float(), num_steps=5, sigma_min=0.002, sigma_max=80,
                                solver_tea='euler', num_steps_tea=13, solver='euler')
     assert rec['schedules']['gits'] == [float(t) for t in ref]
-    assert rec['schedules']['polynomial'] == [float(t) for t in solver_utils.get_schedule(5, 0.002, 80)]
+    assert rec['schedules']['polynomial'] == [float(t) for t in schedules.get_schedule(5, 0.002, 80)]
 
 
 def test_bad_flags_are_one_line_errors(tmp_path):
