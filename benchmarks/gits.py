@@ -398,13 +398,20 @@ def headline_table(results, nfe_list):
     return '\n'.join(lines)
 
 
-def summary_text(s, seconds):
+def wins(results):
+    """Cells where the refined schedule beats the best of its starts by more than one paired SE."""
+    return sum(row['vs_best_start']['diff'] < -row['vs_best_start']['se']
+               for res in results.values() for rows in res['solvers'].values() for row in rows.values())
+
+
+def summary_text(s, seconds, won):
     def ratio(w):
         return 'n/a' if w is None else f'{w["ratio"]:#.3g} ({w["model"]}, NFE {w["nfe"]})'
     lines = [f'- cells: {s["cells"]}; refinement kept {s["kept"]}, rejected {s["rejected"]}, no step {s["no_step"]}',
              f'- refined loses to its best start (diff > SE): {s["losses"]} cells' +
              ''.join(f'\n  - {c["model"]} / {c["solver"]} / NFE {c["nfe"]}: {c["diff"]:+.2g} ({c["se"]:.2g}) vs {start_name(c)}'
                      for c in s['loss_cells']),
+             f'- refined beats its best start (diff < -SE): {won} cells',
              f'- refinement over its budget: {len(s["over_budget"])} cells',
              f'- worst ratio to UniPC + GITS: UniPC refined {ratio(s["worst_unipc_refined"])}; '
              f'best refined solver {ratio(s["worst_best_refined"])}',
@@ -430,7 +437,7 @@ def markdown(record):
                                     cost_table(res, nfe_list))
         sections[f'{name}-quality'] = (f'{name}: quality against UniPC on the GITS schedule (ratio to it; '
                                        'paired SE of the difference)', quality_table(res, nfe_list))
-    sections['summary'] = ('Summary', summary_text(record['summary'], record['seconds']))
+    sections['summary'] = ('Summary', summary_text(record['summary'], record['seconds'], wins(results)))
     return sections
 
 

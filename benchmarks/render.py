@@ -136,7 +136,10 @@ def stale_files():
 @click.option('--check', is_flag=True, help='Write nothing; exit 1 if a file is stale')
 def main(check):
     """Render benchmarks/results/*.md and the quoted tables from the committed JSON."""
-    stale = stale_files()
+    try:
+        stale = stale_files()
+    except KeyError as e:            # a results file without a renderer, a block naming no section
+        raise click.ClickException(e.args[0]) from None
     for path, text in stale.items():
         if not check:
             with open(path, 'w', encoding='utf-8') as f:
