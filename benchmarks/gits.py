@@ -427,7 +427,7 @@ def markdown(record):
     sections = dict(
         headline=('Held-out RMSE to the exact solution: seed recipes, GITS and the best refined schedule',
                   headline_table(results, nfe_list)),
-        recipes=('Seed-README recipe against GITS (held-out RMSE, lower in bold)', recipes_table(results, nfe_list)),
+        recipes=('GITS README recipe against GITS (held-out RMSE, lower in bold)', recipes_table(results, nfe_list)),
         refined=('UniPC on the GITS schedule against the refined schedules (held-out RMSE; ratio to the peer)',
                  refined_table(results, nfe_list)))
     for name, res in results.items():
