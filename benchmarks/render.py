@@ -77,9 +77,8 @@ def load_script(name):
     """A benchmark script as a module, under its own name (benchmarks/gits.py is not gits.py)."""
     module = sys.modules.get(f'bench_{name[:-3]}')
     if module is None:
-        for path in (BENCH, ROOT):           # what the scripts find when run as `python benchmarks/x.py`
-            if path not in sys.path:
-                sys.path.insert(0, path)
+        if BENCH not in sys.path:             # the scripts import their neighbours (render, analytic);
+            sys.path.append(BENCH)            # last, so that gits, solvers stay the project's modules
         spec = importlib.util.spec_from_file_location(f'bench_{name[:-3]}', os.path.join(BENCH, name))
         module = importlib.util.module_from_spec(spec)
         sys.modules[spec.name] = module

@@ -102,8 +102,8 @@ def test_link_check_sees_a_broken_link(tmp_path):
 
 def test_rendered_files_match_committed_json():
     """benchmarks/results/*.md and every marked table equal what the JSON renders."""
-    stale = render.stale_files()
-    assert [os.path.relpath(p, ROOT) for p in stale] == []
+    stale = [os.path.relpath(p, ROOT) for p in render.stale_files()]
+    assert stale == [], 'stale (run python benchmarks/render.py, or fix the hand edit): ' + ', '.join(stale)
 
 
 def test_pages_quote_tables():
