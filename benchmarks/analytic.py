@@ -8,6 +8,7 @@ import time
 import torch
 
 import dnnlib
+import render
 import models
 import solvers
 from torch_utils import misc
@@ -48,8 +49,9 @@ def num_points_for(solver, nfe, **count_options):
     return None
 
 
-def run_and_write(compute, print_tables, out):
-    """results = compute() (timed), printed, written atomically as JSON to `out`."""
+def run_and_write(compute, print_tables, out, markdown=None):
+    """results = compute() (timed), printed, written atomically as JSON to `out`, and with a
+    `markdown(results)` writer rendered from that JSON to the .md beside it."""
     torch.set_num_threads(min(2, os.cpu_count() or 1))
     start = time.time()
     results = compute()
@@ -57,4 +59,6 @@ def run_and_write(compute, print_tables, out):
     print_tables(results)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     misc.atomic_write_json(out, results)
+    if markdown is not None:
+        render.write_markdown(out, markdown)
     print(f'\nWrote {out} ({results["seconds"]:.0f} s)')

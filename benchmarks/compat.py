@@ -19,7 +19,8 @@ this code ran it before, vs the student's, as the official and now our default),
 (ours: exact teacher plus a free step vs the official: the teacher takes the analytical first
 step; both with our solvers, so only the search differs; the official mostly keeps num_steps
 points, so the same NFE takes one more num_steps), and the whole --compat=gits-main search and
-sampling. Writes benchmarks/results/compat.json and prints markdown tables.
+sampling. Writes benchmarks/results/compat.json, prints markdown tables, and writes the docs' tables
+(one a difference) to compat.md.
 """
 
 import os
@@ -30,6 +31,7 @@ import click
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib                    # noqa: E402
+import render                    # noqa: E402
 import gits                      # noqa: E402
 import models                    # noqa: E402
 import schedules                 # noqa: E402
@@ -200,6 +202,69 @@ def print_tables(results):
             print(f'| {row["difference"]} | {_options_text(row)}{afs} | GITS | {cells} |')
 
 
+# The docs' sections: difference (as the rows name it) -> section key, and each key's title.
+SECTIONS = {
+    'dynamic thresholding': 'thresholding',
+    'DPM-Solver++ order 3 (3M: D2 halved)': 'dpmpp-order3',
+    'all (thresholding + 3M)': 'dpmpp-order3',
+    'iPNDM-v weights': 'ipndm-v',
+    'DEIS tAB float32 Riemann sum': 'deis-tab-sum',
+    'DEIS rhoAB (steps 4+ reuse step 3)': 'deis-rhoab',
+    'time_uniform schedule in float32': 'float32-schedule',
+    'warm-up ignores lower_order_final': 'short-schedules',
+    'warm-up order + UniPC last corrector': 'short-schedules',
+    'teacher options (SD recipe)': 'teacher-options',
+    'teacher options': 'teacher-options',
+    'afs in the search': 'afs-search',
+    'all of --compat=gits-main (search and sampling)': 'compat-all',
+}
+TITLES = {
+    'thresholding': 'Dynamic thresholding: ours (off) / official (always on)',
+    'dpmpp-order3': 'DPM-Solver++ order 3: ours / official 3M update',
+    'ipndm-v': 'iPNDM-v orders 3 and 4: ours / official weights',
+    'deis-tab-sum': 'DEIS tAB coefficients: ours (quadrature) / official (float32 Riemann sum)',
+    'deis-rhoab': 'DEIS rhoAB: ours / official',
+    'deis-tab-map': 'DEIS tAB time map on Stable Diffusion\'s sigma range: ours / official',
+    'float32-schedule': 'time_uniform schedule: ours (float64) / official (float32)',
+    'short-schedules': '3-point schedules: ours / official (NFE ours / official)',
+    'teacher-options': 'GITS teacher options: the teacher solver\'s own defaults / the student\'s options '
+                       '(ours and the official)',
+    'afs-search': 'afs in the GITS search: ours (exact teacher, free step) / official (afs teacher), same NFE',
+    'compat-all': 'The whole search and sampling: ours / --compat=gits-main',
+}
+
+
+def section_of(difference):
+    return 'deis-tab-map' if difference.startswith('DEIS tAB VP map') else SECTIONS[difference]
+
+
+def markdown(results):
+    """{key: (title, body)}: one table per difference, the models as rows; cells ours / official,
+    per-seed RMSE to exact(), mean over the seeds."""
+    nfes = results['nfes']
+    head = '| model | solver | schedule | ' + ' | '.join(f'NFE {n}' for n in nfes) + ' |'
+    rule = '|---|---|---|' + '---|' * len(nfes)
+    short_head, short_rule = '| model | solver | NFE | RMSE |', '|---|---|---|---|'
+    bodies = {}
+    for name, res in results['models'].items():
+        for row in res['rows']:
+            cells = ' | '.join(f'{render.sig3(a)} / {render.sig3(b)}' for a, b in row['rmse'])
+            bodies.setdefault(section_of(row['difference']), [head, rule]).append(
+                f'| {name} | {_options_text(row)} | {row["schedule"]} | {cells} |')
+        for row in res['short']:
+            bodies.setdefault(section_of(row['difference']), [short_head, short_rule]).append(
+                f'| {name} | {_options_text(row)} | {row["nfe"][0]} / {row["nfe"][1]} | '
+                f'{render.sig3(row["rmse"][0])} / {render.sig3(row["rmse"][1])} |')
+        for row in res['search']:
+            cells = ' | '.join(' / '.join('-' if v is None else render.sig3(v) for v in pair) for pair in row['rmse'])
+            afs = ', afs' if row['afs'] else ''
+            bodies.setdefault(section_of(row['difference']), [head, rule]).append(
+                f'| {name} | {_options_text(row)}{afs} | GITS | {cells} |')
+    setup = (f'Per-seed RMSE to the exact solution, mean over {len(results["seeds"])} seeds; the search rows\n'
+             f'search on {results["num_warmup"]} warm-up seeds (61 polynomial teacher points, dev, coeff 1.15).')
+    return dict(setup=('Setup', setup), **{key: (TITLES[key], '\n'.join(lines)) for key, lines in bodies.items()})
+
+
 @click.command()
 @click.option('--models', 'model_names', type=str, default='gmm,digits', help='Comma-separated analytic models')
 @click.option('--seeds', type=str, default='0-31', help='Seeds of the latents, e.g. 0-31')
@@ -212,7 +277,7 @@ def main(model_names, seeds, num_warmup, out):
     warmup_seeds = list(range(WARMUP_SEED, WARMUP_SEED + num_warmup))
     run_and_write(lambda: dict(nfes=list(NFES), seeds=seed_list, num_warmup=num_warmup, compat=COMPAT,
                                models={name: run_model(models.load(name), seed_list, warmup_seeds) for name in names}),
-                  print_tables, out)
+                  print_tables, out, markdown)
 
 
 if __name__ == '__main__':

@@ -58,6 +58,7 @@ import solvers                     # noqa: E402
 import student_search             # noqa: E402
 from torch_utils import misc       # noqa: E402
 from torch_utils.seeds import draw_seed_inputs   # noqa: E402
+import render                      # noqa: E402
 from analytic import paired   # noqa: E402
 
 ALL_SOLVERS = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'unipc')
@@ -273,7 +274,12 @@ def summarize(results):
 
 
 # ----------------------------------------------------------------------------------------------
-# Markdown.
+# Markdown, rendered from the JSON record as written (NFE keys are strings there), so that
+# `python benchmarks/render.py` reproduces it from the committed file without measuring.
+
+RECIPE_SOLVERS = ('ipndm', 'dpmpp', 'unipc', 'deis')     # the seed README's recipes, against GITS
+HEADLINE = (('ipndm', 'baseline'), ('ipndm', 'gits'), ('unipc', 'baseline'), ('unipc', 'gits'))
+
 
 def start_name(vs):
     return vs['start'] if vs['compared'] else f'{vs["start"]} (not compared)'
@@ -283,14 +289,23 @@ def mean_se(s):
     return f'{s["mean"]:.4g} +- {s["se"]:.2g}'
 
 
-def solver_table(name, res, nfe_list):
-    lines = [f'### {name}: RMSE to exact (mean over held-out seeds; +- standard error)', '',
-             '| solver | NFE | baseline | best fixed | GITS DP | solver-aware DP | refined | refinement | '
+def short(value):
+    return render.sig3(value)
+
+
+def bold_lower(a, b):
+    """'a / b' with the lower of the two in bold."""
+    a_text, b_text = short(a), short(b)
+    return f'**{a_text}** / {b_text}' if a < b else f'{a_text} / **{b_text}**' if b < a else f'{a_text} / {b_text}'
+
+
+def solver_table(res, nfe_list):
+    lines = ['| solver | NFE | baseline | best fixed | GITS DP | solver-aware DP | refined | refinement | '
              'refined - best start (SE) | verdict | evals / budget |',
              '|---|---|---|---|---|---|---|---|---|---|---|']
     for solver, rows in res['solvers'].items():
         for nfe in nfe_list:
-            row = rows[nfe]
+            row = rows[str(nfe)]
             r, vs = row['rmse'], row['vs_best_start']
 
             def cell(k):
@@ -304,15 +319,14 @@ def solver_table(name, res, nfe_list):
     return '\n'.join(lines)
 
 
-def cost_table(name, res, nfe_list):
+def cost_table(res, nfe_list):
     t = res['teacher']
-    lines = [f'### {name}: search cost (evaluations at NFE {", ".join(map(str, nfe_list))})', '',
-             f'teacher: {t["evals"]} evaluations, {t["seconds"]:.2f}s; GITS cost matrix '
+    lines = [f'teacher: {t["evals"]} evaluations, {t["seconds"]:.2f}s; GITS cost matrix '
              f'{res["gits_search"]["cost_seconds"]:.2f}s, DP {res["gits_search"]["dp_seconds"]:.3f}s (shared by all solvers)',
              '', '| solver | solver-aware DP evals | seconds | afs free-step evals | refine evals / budget | refine seconds |',
              '|---|---|---|---|---|---|']
     for solver, rows in res['solvers'].items():
-        c = [rows[n]['cost'] for n in nfe_list]
+        c = [rows[str(n)]['cost'] for n in nfe_list]
 
         def each(fmt):
             return ', '.join(fmt.format(**x) for x in c)
@@ -330,38 +344,101 @@ def vs_peer(s):
     return f'{mean_se(s)} ({s["ratio"]:#.3g}; diff SE {s["diff_se"]:.2g})'
 
 
-def quality_table(name, res, nfe_list):
-    lines = [f'### {name}: quality against UniPC on the GITS schedule (ratio to it; paired SE of the difference)', '',
-             '| NFE | peer: UniPC + GITS | UniPC refined | best refined solver |', '|---|---|---|---|']
+def quality_table(res, nfe_list):
+    lines = ['| NFE | peer: UniPC + GITS | UniPC refined | best refined solver |', '|---|---|---|---|']
     for nfe in nfe_list:
-        q = res['quality'][nfe]
+        q = res['quality'][str(nfe)]
         peer = mean_se(q['peer']) if q['peer'] is not None else 'n/a'
         best = q['best_refined']
         lines.append(f'| {nfe} | {peer} | {vs_peer(q["unipc_refined"])} | {best["solver"]}: {vs_peer(best)} |')
     return '\n'.join(lines)
 
 
-def summary_text(s):
-    def ratio(w):
-        return 'n/a' if w is None else f'{w["ratio"]:#.3g} ({w["model"]}, NFE {w["nfe"]})'
-    lines = ['### Summary', '',
-             f'- cells: {s["cells"]}; refinement kept {s["kept"]}, rejected {s["rejected"]}, no step {s["no_step"]}',
-             f'- refined loses to its best start (diff > SE): {s["losses"]} cells' +
-             ''.join(f'\n  - {c["model"]} / {c["solver"]} / NFE {c["nfe"]}: {c["diff"]:+.2g} ({c["se"]:.2g}) vs {start_name(c)}'
-                     for c in s['loss_cells']),
-             f'- refinement over its budget: {len(s["over_budget"])} cells',
-             f'- worst ratio to UniPC + GITS: UniPC refined {ratio(s["worst_unipc_refined"])}; '
-             f'best refined solver {ratio(s["worst_best_refined"])}',
-             f'- every best refined ratio <= {s["target_ratio"]}: {s["all_best_within_target"]}']
+def recipes_table(results, nfe_list):
+    """Each seed-README recipe against the same solver on the paper's GITS schedule."""
+    lines = ['| model | solver: recipe / GITS | ' + ' | '.join(f'NFE {n}' for n in nfe_list) + ' |',
+             '|---|---|' + '---|' * len(nfe_list)]
+    for name, res in results.items():
+        for solver in RECIPE_SOLVERS:
+            if solver in res['solvers']:
+                cells = [res['solvers'][solver][str(n)]['rmse'] for n in nfe_list]
+                lines.append(f'| {name} | {solver} | ' + ' | '.join(
+                    bold_lower(r['baseline']['mean'], r['gits']['mean']) for r in cells) + ' |')
     return '\n'.join(lines)
 
 
-def report(results, summary, nfe_list, total):
-    parts = []
+def refined_table(results, nfe_list):
+    """UniPC on the GITS schedule (the peer) against the refined schedules, per model and NFE."""
+    lines = ['| model | NFE | UniPC + GITS (peer) | UniPC refined | ratio | best refined | ratio |',
+             '|---|---|---|---|---|---|---|']
     for name, res in results.items():
-        parts += [table(name, res, nfe_list) for table in (solver_table, cost_table, quality_table)]
-    parts += [summary_text(summary), f'Total {total:.0f}s']
-    return '\n\n'.join(parts) + '\n'
+        for nfe in nfe_list:
+            q = res['quality'][str(nfe)]
+            if q['peer'] is None or q['unipc_refined'] is None:
+                continue
+            u, b = q['unipc_refined'], q['best_refined']
+            lines.append(f'| {name} | {nfe} | {short(q["peer"]["mean"])} | {short(u["mean"])} | {u["ratio"]:.2f} | '
+                         f'{b["solver"]}: {short(b["mean"])} | {b["ratio"]:.2f} |')
+    return '\n'.join(lines)
+
+
+def headline_table(results, nfe_list):
+    """The README's table: iPNDM and UniPC on their seed recipes and on GITS, and the best refined."""
+    names = {'baseline': 'recipe', 'gits': 'GITS'}
+    lines = ['| model | NFE | ' + ' | '.join(f'{s} {names[m]}' for s, m in HEADLINE) + ' | best refined |',
+             '|---|---|' + '---|' * (len(HEADLINE) + 1)]
+    for name, res in results.items():
+        if not all(s in res['solvers'] for s, _ in HEADLINE):
+            continue
+        for nfe in nfe_list:
+            best = res['quality'][str(nfe)]['best_refined']
+            lines.append(f'| {name} | {nfe} | ' + ' | '.join(
+                short(res['solvers'][s][str(nfe)]['rmse'][m]['mean']) for s, m in HEADLINE) +
+                f' | {short(best["mean"])} ({best["solver"]}) |')
+    return '\n'.join(lines)
+
+
+def wins(results):
+    """Cells where the refined schedule beats the best of its starts by more than one paired SE."""
+    return sum(row['vs_best_start']['diff'] < -row['vs_best_start']['se']
+               for res in results.values() for rows in res['solvers'].values() for row in rows.values())
+
+
+def summary_text(s, seconds, won):
+    def ratio(w):
+        return 'n/a' if w is None else f'{w["ratio"]:#.3g} ({w["model"]}, NFE {w["nfe"]})'
+    lines = [f'- cells: {s["cells"]}; refinement kept {s["kept"]}, rejected {s["rejected"]}, no step {s["no_step"]}',
+             f'- refined loses to its best start (diff > SE): {s["losses"]} cells' +
+             ''.join(f'\n  - {c["model"]} / {c["solver"]} / NFE {c["nfe"]}: {c["diff"]:+.2g} ({c["se"]:.2g}) vs {start_name(c)}'
+                     for c in s['loss_cells']),
+             f'- refined beats its best start (diff < -SE): {won} cells',
+             f'- refinement over its budget: {len(s["over_budget"])} cells',
+             f'- worst ratio to UniPC + GITS: UniPC refined {ratio(s["worst_unipc_refined"])}; '
+             f'best refined solver {ratio(s["worst_best_refined"])}',
+             f'- every best refined ratio <= {s["target_ratio"]}: {s["all_best_within_target"]}',
+             f'- total {seconds:.0f}s']
+    return '\n'.join(lines)
+
+
+def markdown(record):
+    """{key: (title, body)} of the benchmark's markdown, from its JSON record."""
+    results, nfe_list = record['results'], record['options']['nfe_list']
+    o = record['options']
+    sections = dict(
+        headline=('Held-out RMSE to the exact solution: seed recipes, GITS and the best refined schedule',
+                  headline_table(results, nfe_list)),
+        recipes=('GITS README recipe against GITS (held-out RMSE, lower in bold)', recipes_table(results, nfe_list)),
+        refined=('UniPC on the GITS schedule against the refined schedules (held-out RMSE; ratio to the peer)',
+                 refined_table(results, nfe_list)))
+    for name, res in results.items():
+        sections[f'{name}-rmse'] = (f'{name}: RMSE to exact (mean over {o["num_eval"]} held-out seeds; '
+                                    '+- standard error)', solver_table(res, nfe_list))
+        sections[f'{name}-cost'] = (f'{name}: search cost (evaluations at NFE {", ".join(map(str, nfe_list))})',
+                                    cost_table(res, nfe_list))
+        sections[f'{name}-quality'] = (f'{name}: quality against UniPC on the GITS schedule (ratio to it; '
+                                       'paired SE of the difference)', quality_table(res, nfe_list))
+    sections['summary'] = ('Summary', summary_text(record['summary'], record['seconds'], wins(results)))
+    return sections
 
 
 # ----------------------------------------------------------------------------------------------
@@ -419,15 +496,12 @@ def main(datasets, solver_names, nfes, **kw):
     results = {name: run_dataset(name, opts) for name in opts.dataset_list}
     summary = summarize(results)
     total = time.perf_counter() - start
-    text = report(results, summary, opts.nfe_list, total)
-    print('\n' + text, end='')
     record = dict(options={k: v for k, v in opts.items()}, results=results, summary=summary, seconds=total)
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     misc.atomic_write_json(opts.out, json.loads(json.dumps(record, default=str)))
-    md = os.path.splitext(opts.out)[0] + '.md'
-    md = md if md != opts.out else opts.out + '.md'          # --out=x.md must not lose the JSON
-    misc.atomic_write_bytes(md, text.encode())
-    print(f'Wrote {opts.out} and {md}')
+    text = render.write_markdown(opts.out, markdown)
+    print('\n' + text, end='')
+    print(f'Wrote {opts.out} and its markdown (.md)')
 
 
 if __name__ == '__main__':

@@ -13,9 +13,10 @@ models' 80..0.002), and takes NFE steps with a one-evaluation solver:
 Error: per-seed RMSE of the solver's output against the exact ODE solution from the same start
 (`exact(x, 14.6146, 0.0292)`), mean over --num_eval held-out seeds (disjoint from the warm-up
 seeds); for each schedule, the mean per-seed difference to gits_here and its paired standard
-error. Writes benchmarks/results/presets.json and prints a table.
+error. Writes benchmarks/results/presets.json, prints a table, and writes its markdown (presets.md).
 """
 
+import json
 import os
 import sys
 import time
@@ -33,6 +34,7 @@ import schedules                   # noqa: E402
 import solvers                     # noqa: E402
 from torch_utils import misc       # noqa: E402
 from analytic import paired         # noqa: E402
+import render                      # noqa: E402
 
 SIGMA_MAX, SIGMA_MIN = 14.61464119, 0.02916753      # the ends of every preset
 SCHEDULES = ('gits_here', 'gits_table', 'ays', 'polynomial')
@@ -99,7 +101,7 @@ def table(results, nfe_list, solver_list):
     for name, res in results.items():
         for solver in solver_list:
             for nfe in nfe_list:
-                cells = res['rows'][nfe]['solvers'][solver]
+                cells = res['rows'][str(nfe)]['solvers'][solver]
                 best = min(cells, key=lambda k: cells[k]['rmse'])
                 text = []
                 for k in SCHEDULES:
@@ -108,6 +110,35 @@ def table(results, nfe_list, solver_list):
                     text.append(value if k == 'gits_here' else f'{value} ({c["diff"]:+.4f} +- {c["se"]:.4f})')
                 lines.append(f'| {name} | {solver} | {nfe} | ' + ' | '.join(text) + ' |')
     return '\n'.join(lines)
+
+
+def compact_table(results, nfe_list, solver_list, solver_options):
+    """One cell per model, solver and NFE: the four schedules' RMSE, the lowest in bold."""
+    lines = ['| model | solver | ' + ' | '.join(f'NFE {n}' for n in nfe_list) + ' |',
+             '|---|---|' + '---|' * len(nfe_list)]
+    for name, res in results.items():
+        for solver in solver_list:
+            row = []
+            for nfe in nfe_list:
+                cells = res['rows'][str(nfe)]['solvers'][solver]
+                best = min(cells, key=lambda k: cells[k]['rmse'])
+                row.append(' / '.join(f'**{cells[k]["rmse"]:.3f}**' if k == best else f'{cells[k]["rmse"]:.3f}'
+                                      for k in SCHEDULES))
+            label = solver + (' 2M' if solver_options[solver].get('max_order') == 2 else '')
+            lines.append(f'| {name} | {label} | ' + ' | '.join(row) + ' |')
+    return '\n'.join(lines)
+
+
+def markdown(record):
+    """{key: (title, body)} from the JSON record."""
+    o = record['options']
+    lo, hi = record['sigma_range']
+    return dict(
+        compact=(f'Searched / GITS table / AYS / polynomial on sigma {hi:.4f}..{lo:.3g} (RMSE to exact, mean over '
+                 f'{o["num_eval"]} held-out seeds; lowest in bold)',
+                 compact_table(record['results'], o['nfe_list'], o['solver_list'], record['solver_options'])),
+        full=('Each schedule against the searched one (paired)',
+              table(record['results'], o['nfe_list'], o['solver_list'])))
 
 
 @click.command()
@@ -134,13 +165,14 @@ def main(model_names, solver_names, nfe, num_warmup, num_eval, warmup_seed, eval
             raise dnnlib.util.UserError(f'--solvers: one of {", ".join(SOLVER_OPTIONS)} (got "{solver}")')
     if min(opts.nfe_list) < 2 or max(opts.nfe_list) > 20:
         raise dnnlib.util.UserError('--nfe: values in 2..20 (the GITS table\'s step counts)')
-    results = {name: run_model(name, opts) for name in opts.model_list}
+    results = json.loads(json.dumps({name: run_model(name, opts) for name in opts.model_list}))   # as stored
     text = table(results, opts.nfe_list, opts.solver_list)
     print(text)
     record = dict(command=' '.join(sys.argv), sigma_range=[SIGMA_MIN, SIGMA_MAX], options=dict(opts),
                   solver_options=SOLVER_OPTIONS, results=results, table=text)
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     misc.atomic_write_json(out, record)
+    render.write_markdown(out, markdown)
 
 
 if __name__ == '__main__':

@@ -14,7 +14,8 @@ per model, medians over --repeats: wall and process CPU seconds of both, the mat
 and search / teacher alone in wall time (the goal) and in CPU time (the work added, helper
 thread included). One thread by default, which leaves the second core of a 2-core machine to the
 helper; with more threads than idle cores, OpenMP's barriers make the wall time of small tensor
-operations depend on the other load. Writes benchmarks/results/search_cost.json.
+operations depend on the other load. Writes benchmarks/results/search_cost.json and its markdown
+(search_cost.md).
 """
 
 import os
@@ -34,6 +35,7 @@ import run_schedule                # noqa: E402
 import schedules                   # noqa: E402
 import solvers                     # noqa: E402
 from torch_utils import misc       # noqa: E402
+import render                      # noqa: E402
 
 
 def clocks():
@@ -94,6 +96,21 @@ def measure(name, opts):
     return res
 
 
+def markdown(record):
+    """{key: (title, body)}: per model, the medians of the repeats, from the JSON record."""
+    o = record['options']
+    lines = ['| model | teacher alone | cost matrix | DP | search | search / teacher (range) | CPU time ratio |',
+             '|---|---|---|---|---|---|---|']
+    for name, res in record['results'].items():
+        s, (lo, hi) = res['seconds'], res['ratio_range']
+        cost = f'{s["cost_helper"]:.3f} s (helper thread)' if s['cost_helper'] else f'{s["cost"]:.3f} s (after)'
+        lines.append(f'| {name} | {s["teacher"]:.3f} s | {cost} | {s["dp"]:.4f} s | {s["search"]:.3f} s | '
+                     f'{res["ratio_wall"]:.3f} ({lo:.3f}-{hi:.3f}) | {res["ratio_cpu"]:.3f} |')
+    title = (f'Search against its teacher alone: {o["num_warmup"]} warm-up seeds in rounds of {o["batch"]}, '
+             f'{record["threads"]} thread(s), overlap={o["overlap"]}, medians of {o["repeats"]}')
+    return dict(ratios=(title, '\n'.join(lines)))
+
+
 @click.command()
 @click.option('--datasets', default='gmm,gmm_wavelet,digits', show_default=True)
 @click.option('--num_warmup', type=click.IntRange(min=1), default=gits.NUM_WARMUP, show_default=True)
@@ -124,7 +141,8 @@ def main(datasets, **kw):
     record = dict(options=dict(opts), results=results, torch=torch.__version__, threads=torch.get_num_threads())
     os.makedirs(os.path.dirname(os.path.abspath(opts.out)), exist_ok=True)
     misc.atomic_write_json(opts.out, record)
-    print(f'Wrote {opts.out}')
+    render.write_markdown(opts.out, markdown)
+    print(f'Wrote {opts.out} and its markdown (.md)')
 
 
 if __name__ == '__main__':

@@ -9,7 +9,7 @@ time_uniform rho 2 (the seed recipe for DEIS).
 Latents are float64 (seeds drawn as sample.py draws them); the reference is
 model.exact(x, t_steps[0], t_steps[-1]), every schedule ending at the model's sigma_min. NFE ->
 num_steps uses solvers.count_nfe; an NFE a solver cannot reach (odd NFE for heun/dpm) is '-'.
-Writes benchmarks/results/solvers.json.
+Writes benchmarks/results/solvers.json and its markdown tables (solvers.md).
 """
 
 import os
@@ -22,6 +22,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import dnnlib                    # noqa: E402
+import render                    # noqa: E402
 import models                    # noqa: E402
 import schedules                 # noqa: E402
 import solvers                   # noqa: E402
@@ -32,6 +33,7 @@ NFES = (3, 4, 5, 6, 7, 8, 9, 10, 12, 15, 20)
 SCHEDULES = {'polynomial': 7.0, 'logsnr': 7.0, 'time_uniform': 2.0}     # schedule -> rho
 RECIPES = {'euler': 'polynomial', 'heun': 'polynomial', 'dpm': 'polynomial', 'ipndm': 'polynomial',
            'ipndm_v': 'polynomial', 'deis': 'time_uniform', 'dpmpp': 'logsnr', 'unipc': 'logsnr'}
+RECIPE_NFES = (5, 6, 8, 10)      # the columns of the docs' recipe table
 
 
 def solver_overhead(solver, x, num_points, repeats=20):
@@ -91,6 +93,40 @@ def print_tables(results):
         print('  ' + ', '.join(f'{s} {t * 1e6:.0f} us' for s, t in res['solver_seconds_per_step'].items()))
 
 
+def markdown(results):
+    """{key: (title, body)}: per model, the seed recipes at NFE 5, 6, 8, 10 and every solver x
+    schedule at every NFE; the solvers' own time per step against a denoiser call."""
+    n = len(results['seeds'])
+    sections = {}
+    for name, res in results['models'].items():
+        columns = [i for i, nfe in enumerate(results['nfes']) if nfe in RECIPE_NFES]
+        lines = ['| solver (recipe) | ' + ' | '.join(f'NFE {results["nfes"][i]}' for i in columns) + ' |',
+                 '|---|' + '---|' * len(columns)]
+        for solver, schedule in RECIPES.items():
+            row = res['rmse'][f'{solver}/{schedule}']
+            lines.append(f'| {solver} ({schedule}) | ' + ' | '.join(_cell(row[i]) for i in columns) + ' |')
+        sections[f'{name}-recipes'] = (f'{name}: RMSE to exact, seed recipes (mean over {n} seeds, afs={results["afs"]})',
+                                       '\n'.join(lines))
+        lines = ['| solver/schedule | ' + ' | '.join(f'NFE {v}' for v in results['nfes']) + ' |',
+                 '|---|' + '---|' * len(results['nfes'])]
+        lines += [f'| {key} | ' + ' | '.join(_cell(v) for v in row) + ' |' for key, row in res['rmse'].items()]
+        sections[f'{name}-all'] = (f'{name}: RMSE to exact, every solver and schedule (mean over {n} seeds)',
+                                   '\n'.join(lines))
+    lines = ['| model | denoiser call (batch) | ' + ' | '.join(solvers.SOLVERS) + ' |',
+             '|---|---|' + '---|' * len(solvers.SOLVERS)]
+    for name, res in results['models'].items():
+        per_step = res['solver_seconds_per_step']
+        lines.append(f'| {name} | {res["denoiser_seconds_per_call"] * 1e3:.3g} ms ({res["batch"]}) | ' +
+                     ' | '.join(f'{per_step[s] * 1e6:.0f} µs' for s in solvers.SOLVERS) + ' |')
+    sections['overhead'] = ('Time per step in the solver itself (denoiser excluded) against one denoiser call',
+                            '\n'.join(lines))
+    return sections
+
+
+def _cell(value):
+    return '-' if value is None else render.sig3(value)
+
+
 @click.command()
 @click.option('--models', 'model_names', type=str, default='gmm,digits', help='Comma-separated analytic models')
 @click.option('--seeds', type=str, default='0-31', help='Seeds of the latents, e.g. 0-31')
@@ -100,7 +136,7 @@ def print_tables(results):
 def main(model_names, seeds, afs, out):
     """Solver x schedule accuracy table on the analytic models."""
     names, seed_list = parse_models_and_seeds(model_names, seeds)
-    run_and_write(lambda: run(names, seed_list, afs), print_tables, out)
+    run_and_write(lambda: run(names, seed_list, afs), print_tables, out, markdown)
 
 
 if __name__ == '__main__':

@@ -45,6 +45,7 @@ import solvers                 # noqa: E402
 from dnnlib.util import UserError   # noqa: E402
 from torch_utils import misc   # noqa: E402
 from torch_utils.seeds import split_batches   # noqa: E402
+import render                  # noqa: E402
 
 # network_kwargs of edm-cifar10-32x32-uncond-vp.pkl (tests/data/specs/edm-cifar10-32x32-uncond-vp.json;
 # tests/test_trajectory.py checks the copy), kept here so the benchmark runs without the specs.
@@ -250,6 +251,13 @@ def markdown_table(rows, device_name):
     return '\n'.join(lines)
 
 
+def markdown(record):
+    """{key: (title, body)} from the JSON record: the table and the command that measured it."""
+    fp16 = ', fp16' if record['use_fp16'] else ''
+    return dict(table=(f'{record["device"]}{fp16}, torch {record["torch"]}',
+                       f'`{record["command"]}`\n\n' + markdown_table(record['rows'], record['device']).split('\n\n', 1)[1]))
+
+
 @click.command(context_settings=dict(show_default=True))
 @click.option('--device', type=str, default=None, help='cpu or cuda [default: cuda if available]')
 @click.option('--solvers', 'solver_names', type=str, default='ipndm', help='Comma-separated solvers, or "all"')
@@ -300,7 +308,8 @@ def main(device, solver_names, batch, num_steps, seed_counts, bare_all, repeats,
     out = out or os.path.join(ROOT, 'benchmarks', 'results', f'throughput_{device.type}.json')
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     misc.atomic_write_json(out, record)
-    print(f'\nWrote {out}')
+    render.write_markdown(out, markdown)
+    print(f'\nWrote {out} and its markdown (.md)')
 
 
 if __name__ == '__main__':
