@@ -187,6 +187,19 @@ class PipelineModel(Model):
         """The network's keyword arguments for a batch of prompts ([negative; positive] if guided)."""
         raise NotImplementedError
 
+    def prompt_denoiser(self, prompt=None):
+        """`denoise(x, sigma)` for one prompt (default: --prompt, or seed 0's) at any batch size,
+        its conditioning encoded once per batch size: for searches that split their noise into
+        warm-up and check batches (student_search refine=True) and for benchmarks."""
+        prompt = self.prompt_for_seed(0) if prompt is None else prompt
+        cache = {}
+
+        def denoise(x, sigma):
+            if x.shape[0] not in cache:
+                cache[x.shape[0]] = self.encode([prompt] * x.shape[0])
+            return self.denoise(x, sigma, condition=cache[x.shape[0]])
+        return denoise
+
     # Network.
     def forward(self, x, timestep, cond):
         raise NotImplementedError
@@ -318,6 +331,7 @@ class SDXLPipelineModel(UNetPipelineModel):
 # Flow-matching pipelines (SD3Transformer2DModel, FluxTransformer2DModel).
 
 class FlowPipelineModel(PipelineModel):
+    flow_matching = True           # schedule_io exports flow times (sigmas= / ComfyUI SIGMAS)
     half_dtype = torch.bfloat16
     network_name = 'transformer'
     max_shift_default = 1.16        # the pipeline's calculate_shift default for max_shift
