@@ -427,3 +427,24 @@ def test_prompt_rules(folders, tmp_path):
     assert model.image_info(1) == {'prompt': 'a dog'}
     with pytest.raises(UserError):
         model.check_seeds([0, 2])
+
+
+# ----------------------------------------------------------------------------------------------
+# benchmarks/diffusers_rmse.py (its real runs need a GPU and real weights).
+
+@pytest.mark.slow
+def test_rmse_benchmark_smoke(folders, tmp_path):
+    from helpers import run_cli
+    out = tmp_path / 'rmse.json'
+    r = run_cli('benchmarks/diffusers_rmse.py', f'--model_path={folders["flux"]}', '--resolution=32', '--nfe=4,5',
+                '--num_warmup=4', '--num_eval=2', '--num_steps_tea=11', '--teacher_steps=20', '--device=cpu',
+                f'--out={out}')
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(out.read_text())['rows']
+    for nfe in ('4', '5'):
+        rmse = rows[nfe]['rmse']
+        assert set(rmse) == {'pipeline_euler', 'pipeline_dpmpp2m', 'pipeline_unipc', 'gits', 'gits_refined'}
+        assert all(v['mean'] > 0 and np.isfinite(v['mean']) for v in rmse.values())
+        assert rmse['gits']['diff'] == 0
+        assert len(json.loads(rows[nfe]['schedules']['gits'])) == int(nfe)
+    assert rows['5']['rmse']['pipeline_euler']['mean'] < rows['4']['rmse']['pipeline_euler']['mean']
