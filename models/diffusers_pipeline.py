@@ -550,7 +550,7 @@ def load_diffusers(model_path=None, device='cpu', prompt=None, prompt_file=None,
     torch_dtype = resolve_dtype(dtype, device, wrapper)
     dist.print0(f'Loading the {name} from "{folder}" ({str(torch_dtype).replace("torch.", "")})...')
     try:
-        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, torch_dtype=torch_dtype)
+        pipe = diffusers.DiffusionPipeline.from_pretrained(folder, dtype=torch_dtype)
     except (OSError, ValueError, KeyError) as e:
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise UserError(f'--model_path: cannot load the pipeline in "{folder}": {reason}') from None

@@ -9,6 +9,7 @@ loading errors are one UserError line each.
 """
 
 import json
+import os
 import shutil
 import sys
 
@@ -395,6 +396,20 @@ def test_no_diffusers_installed(monkeypatch, folders):
     one_line_error(e, '--dataset_name=diffusers', 'pip install diffusers transformers')
 
 
+def test_project_imports_without_diffusers():
+    import subprocess
+    code = ('import sys; sys.modules["diffusers"] = None; sys.modules["transformers"] = None\n'
+            'import models, models.diffusers_pipeline, schedule_io, schedule_presets, sample\n'
+            'from dnnlib.util import UserError\n'
+            'try:\n    models.load("diffusers", model_path="x", prompt="a")\n'
+            'except UserError as e:\n    print(e)\n')
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, timeout=300, cwd=root)
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == ('--dataset_name=diffusers needs the diffusers and transformers packages: '
+                                'pip install diffusers transformers')
+
+
 def test_hub_id_offline(monkeypatch):
     import huggingface_hub.constants
     monkeypatch.setenv('HF_HUB_OFFLINE', '1')
@@ -448,3 +463,17 @@ def test_rmse_benchmark_smoke(folders, tmp_path):
         assert rmse['gits']['diff'] == 0
         assert len(json.loads(rows[nfe]['schedules']['gits'])) == int(nfe)
     assert rows['5']['rmse']['pipeline_euler']['mean'] < rows['4']['rmse']['pipeline_euler']['mean']
+
+
+def test_half_precision_denoiser(folders):
+    """--dtype=bfloat16 runs the network (and text encoders) in bfloat16; the denoiser still
+    takes and returns float32, near the float32 one (bfloat16 keeps 8 bits)."""
+    full = load(folders, 'flux')
+    half = load(folders, 'flux', dtype='bfloat16')
+    assert half.use_fp16 and next(half.network.parameters()).dtype == torch.bfloat16
+    x = unit_noise(full) * 3.0
+    D_full = full.denoise(x, 3.0, **full.conditioning(SEEDS))
+    D_half = half.denoise(x, 3.0, **half.conditioning(SEEDS))
+    assert D_half.dtype == torch.float32
+    scale = D_full.abs().max()
+    assert 0 < (D_half - D_full).abs().max() < 0.05 * scale
