@@ -246,7 +246,9 @@ class PipelineModel(Model):
         return dict(num_inference_steps=num_steps)
 
     def pipeline_sigmas(self, num_steps):
-        """t_steps (float64, N points) of the pipeline's N-step run, in EDM sigma (module doc)."""
+        """t_steps (float64) of the pipeline's N-step run, in EDM sigma (module doc): N points when
+        the scheduler ends at 0 (the last step is then denoise_to_zero), N + 1 when it ends at a
+        positive sigma (EulerDiscreteScheduler with final_sigmas_type="sigma_min": run them without)."""
         if int(num_steps) < 2:
             raise UserError(f'--num_steps: the pipeline schedule needs at least 2 points (got {num_steps})')
         sigmas = self.scheduler_at(int(num_steps)).sigmas.double()
@@ -493,8 +495,10 @@ def resolve_folder(model_path, diffusers):
         return diffusers.DiffusionPipeline.download(model_path)
     except Exception as e:   # offline, unknown id, no access: one line, whatever the hub library raised
         reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise UserError(f'--model_path: cannot fetch the hub pipeline "{model_path}" ({type(e).__name__}: {reason}); '
-                        'offline, pass a local folder or one already in the Hugging Face cache') from None
+        reason = reason if len(reason) <= 160 else reason[:157] + '...'
+        raise UserError(f'--model_path: "{model_path}" is no local folder, and fetching it as a Hugging Face hub id '
+                        f'failed ({type(e).__name__}: {reason}); offline, pass a local folder or a hub id already in '
+                        'the Hugging Face cache') from None
 
 
 def read_index(folder):
