@@ -328,6 +328,8 @@ def test_exported_schedule_reproduces_our_euler_in_the_pipeline(folders, searche
         assert exported[0] == 1.0 and exported[-1] > 0
         torch.testing.assert_close(schedule_io.from_flow_sigmas(exported, model.shift, model.sigma_max), t_steps,
                                    rtol=1e-12, atol=0)
+        lines = schedule_io.format_lines(t_steps, model, 'all')
+        assert lines[0].startswith('diffusers: pipe(..., sigmas=[1.0, ') and lines[-1].endswith(', 0.0]')
         latents = noise
     else:
         assert exported == [float(v) for v in t_steps]
