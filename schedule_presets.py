@@ -355,6 +355,12 @@ AYS = {
 }
 MAX_STEPS = 1000            # ComfyUI's node limit
 
+OPTIMAL_STEPS_SOURCE = ('ComfyUI comfy_extras/nodes_optimalsteps.py (NOISE_LEVELS["FLUX"]; from '
+                        'github.com/bebebe666/OptimalSteps, "Optimal Stepsize for Diffusion Sampling")')
+# OptimalSteps' 10-step FLUX.1 table in flow time t (x_t = (1 - t) x0 + t eps, shift included: the
+# times the sampler evaluates at), ending at t = 0.001 (ComfyUI's node then sets the last value to 0).
+OPTIMAL_STEPS_FLUX = [0.9968, 0.9886, 0.9819, 0.975, 0.966, 0.9471, 0.9158, 0.8287, 0.5512, 0.2808, 0.001]
+
 
 def loglinear_interp(sigmas, num):
     """`num` sigmas from a decreasing list by AYS's rule: log sigma interpolated piecewise linearly
@@ -379,6 +385,15 @@ def gits_sd15(coeff=1.20, steps=10):
 def ays(table, steps=10):
     sigmas = AYS[table]
     return list(sigmas) if steps + 1 == len(sigmas) else loglinear_interp(sigmas, steps + 1)
+
+
+def optimal_steps_flux(steps=10):
+    """ComfyUI's OptimalStepsScheduler for FLUX: the table (other step counts: log-linear
+    interpolation of the flow times, as the node does), in EDM sigma t / (1 - t), the noise level of
+    our flow-matching wrapper (models/diffusers_pipeline.py). Its last point keeps t = 0.001 (see the
+    module doc: ComfyUI's 0 is our --denoise_to_zero)."""
+    times = list(OPTIMAL_STEPS_FLUX) if steps + 1 == len(OPTIMAL_STEPS_FLUX) else loglinear_interp(OPTIMAL_STEPS_FLUX, steps + 1)
+    return [t / (1 - t) for t in times]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -409,6 +424,9 @@ PRESETS = {
                  'Align Your Steps, SD v1.5', AYS_SOURCE),
     'ays_sdxl': (lambda steps=10: ays('sdxl', steps), {'steps': (_steps(1), 10, 'other than 10: interpolated')},
                  'Align Your Steps, SDXL', AYS_SOURCE),
+    'optimal_steps_flux': (optimal_steps_flux, {'steps': (_steps(3), 10, '3..1000; other than 10: interpolated')},
+                           'OptimalSteps for FLUX.1 (flow time t as EDM sigma t/(1-t), 311 down to 0.001; '
+                           '--dataset_name=diffusers with a Flux pipeline)', OPTIMAL_STEPS_SOURCE),
 }
 
 

@@ -22,6 +22,7 @@ REGISTRY = {
     'lsun_bedroom_ldm': ('models.ldm', 'load_lsun_bedroom_ldm'),
     'ffhq_ldm': ('models.ldm', 'load_ffhq_ldm'),
     'ms_coco': ('models.sd', 'load_ms_coco'),
+    'diffusers': ('models.diffusers_pipeline', 'load_diffusers'),
 }
 
 
