@@ -46,6 +46,8 @@ class Options:
     device: str
     class_idx: int
     use_fp16: bool
+    dtype: str
+    resolution: str
     # Solver.
     solver: str
     num_steps: int
@@ -71,6 +73,7 @@ class Options:
     guidance_rate: float
     prompt: str
     prompt_file: str
+    negative_prompt: str
     # GITS search.
     dp: bool
     metric: str
@@ -128,6 +131,9 @@ RULES = SCHEDULE_RULES + (
      'needs --save_schedules=FILE'),
     (run_schedule.SAMPLING_FLAGS, lambda o: o.save_schedules is None,
      'does not apply with --save_schedules (that run searches, saves the schedules and exits)'),
+    (('schedule_rho', 'sigma_min', 'sigma_max', 'dp'), lambda o: o.schedule_type != run_schedule.PIPELINE,
+     f'does not apply to --schedule_type={run_schedule.PIPELINE} (the pipeline\'s own scheduler sigmas; a GITS search '
+     'takes one of the other schedule types as its teacher grid)'),
     (('sigma_min', 'sigma_max'), lambda o: o.compat is None,
      'the official gits-main ignores it (it always takes the model\'s own range), so --compat=gits-main does not '
      'take it'),

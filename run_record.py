@@ -48,9 +48,22 @@ IDENTITY = {
     'prompt': lambda r: r.opts.prompt,
     'prompt_file': lambda r: misc.file_fingerprint(r.opts.prompt_file, whole=True) if r.opts.prompt_file else None,
     'use_fp16': lambda r: bool(getattr(r.model, 'use_fp16', False)),
+    'negative_prompt': lambda r: r.opts.negative_prompt,
+    'dtype': lambda r: str(r.model.dtype).removeprefix('torch.') if hasattr(r.model, 'pipeline_sigmas') else None,
+    'resolution': lambda r: [r.model.height, r.model.width] if hasattr(r.model, 'pipeline_sigmas') else None,
+    'start_scale': lambda r: start_scale_identity(r),   # None: sampling starts at t_steps[0]
     'grid': lambda r: bool(r.opts.grid),          # one grid.png, or one PNG per seed
     'subdirs': lambda r: bool(r.opts.subdirs),    # where the PNGs lie
 }
+def start_scale_identity(r):
+    """Where sampling starts, when that is not t_steps[0] (--schedule_type=pipeline: the pipeline's
+    own start), so that a pasted copy of a pipeline schedule does not continue its folder."""
+    if r.t_steps is None:
+        return None
+    scale = run_schedule.start_scale(r.opts, r.model, r.t_steps)
+    return None if scale == float(r.t_steps[0]) else scale
+
+
 LABELS = {'checkpoint': 'the checkpoint', 't_steps': 'the schedule (t_steps)'}
 RUN_FORMAT = 'gits-run-v2'
 

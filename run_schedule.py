@@ -20,6 +20,9 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils.seeds import seed_batch, split_batches
 
+PIPELINE = 'pipeline'     # --schedule_type: a diffusers pipeline's own scheduler sigmas
+
+
 def build_schedule(opts, model, device):
     """The t_steps of this run, and the search's record (None without a search)."""
     sigma_min = opts.sigma_min if opts.sigma_min is not None else model.sigma_min
@@ -28,12 +31,30 @@ def build_schedule(opts, model, device):
         return torch.tensor(opts.t_steps_list, dtype=torch.float64), None
     if opts.dp:
         return search_for_sampling(model, opts, sigma_min, sigma_max, device)
+    if opts.schedule_type == PIPELINE:
+        return pipeline_model(opts, model).pipeline_sigmas(opts.num_steps), None
     try:
         t = schedules.get_schedule(opts.num_steps, sigma_min, sigma_max, opts.schedule_type,
                                       opts.schedule_rho, model=model, compat=opts.compat)
     except ValueError as e:
         raise UserError(str(e)) from None
     return t, None
+
+
+def pipeline_model(opts, model):
+    if not hasattr(model, 'pipeline_sigmas'):
+        raise UserError(f'--schedule_type: {PIPELINE} is the scheduler of a diffusers pipeline (--dataset_name=diffusers); '
+                        f'"{opts.dataset_name}" has none')
+    return model
+
+
+def start_scale(opts, model, t_steps):
+    """The factor of the unit noise where sampling starts: t_steps[0], except in pipeline mode,
+    which starts where the pipeline starts (its scheduler's init_noise_sigma: sqrt(sigma_0^2 + 1)
+    with SD/SDXL's 'leading' spacing; the noise itself, x_t = noise, for flow models)."""
+    if opts.schedule_type == PIPELINE and opts.t_steps_list is None and not opts.dp:
+        return pipeline_model(opts, model).pipeline_noise_scale(opts.num_steps)
+    return float(t_steps[0])
 
 
 RANGE_TOLERANCE = 1e-6      # relative: a float32 copy of the model's own end points is inside

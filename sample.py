@@ -106,7 +106,8 @@ def check_thresholding(opts, model):
 
 def model_kwargs(opts):
     return dict(guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate, prompt=opts.prompt,
-                prompt_file=opts.prompt_file, use_fp16=opts.use_fp16)
+                prompt_file=opts.prompt_file, negative_prompt=opts.negative_prompt, use_fp16=opts.use_fp16,
+                dtype=opts.dtype, resolution=opts.resolution)
 
 
 def check_class_idx(opts, model):
@@ -151,13 +152,14 @@ def sample_seeds(opts, model, t_steps, seeds, outdir, device):
     batches = [b for b in (split_batches(seeds, opts.batch, world)[rank::world] if seeds else []) if b]
     sample_fn = solvers.SOLVERS[opts.solver]
     grid_parts = []
+    start_scale = run_schedule.start_scale(opts, model, t_steps)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer, \
             concurrent.futures.ThreadPoolExecutor(max_workers=1) as drawer, \
             tqdm(total=len(batches), unit='batch', disable=(rank != 0), file=sys.stdout) as progress:
         pending = None
         for batch_seeds, inputs in drawn_ahead(batches, model.shape, model.label_dim, drawer):
             noise, denoise = seed_batch(model, batch_seeds, device, class_idx=opts.class_idx, inputs=inputs)
-            x = noise * float(t_steps[0])
+            x = noise * start_scale
             with torch.no_grad():
                 x = sample_fn(denoise, x, t_steps, afs=bool(opts.afs), denoise_to_zero=opts.denoise_to_zero,
                               compat=opts.compat, **opts.solver_options)
@@ -237,13 +239,15 @@ def list_presets(ctx, _param, value):
 @click.option('--device', type=str, default=None, help='torch device [default: cuda if available, else cpu]')
 @click.option('--class_idx', type=int, default=None, help='Class for class-conditional models [default: per seed]')
 @click.option('--use_fp16', type=BOOL, default=None, help='Half precision for networks that support it [default: on for CUDA]')
+@click.option('--dtype', type=click.Choice(list(models.DTYPES)), default=None, help='diffusers pipelines: network precision [default: the model card\'s half precision on CUDA, float32 on CPU]')
+@click.option('--resolution', type=str, default=None, help='diffusers pipelines: image size, one number or HxW [default: the pipeline\'s own]')
 # Solver options.
 @click.option('--solver', type=click.Choice(list(SOLVER_NAMES)), default='ipndm', help='Student solver')
 @click.option('--num_steps', type=click.IntRange(min=2), default=7, help='Number of time points (num_steps-1 steps)')
 @click.option('--afs', type=BOOL, default=False, help='Analytical first step (saves one evaluation)')
 @click.option('--denoise_to_zero', type=BOOL, default=False, help='Finish with D(x; t_last) (one more evaluation)')
 # Schedule options.
-@click.option('--schedule_type', type=click.Choice(list(schedules.SCHEDULES)), default='polynomial', help='Time schedule')
+@click.option('--schedule_type', type=click.Choice([*schedules.SCHEDULES, run_schedule.PIPELINE]), default='polynomial', help='Time schedule (pipeline: a diffusers pipeline\'s own scheduler sigmas)')
 @click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
 @click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,10.9836,...,0.002], or a preset, e.g. gits_sd15:coeff=1.20:steps=10 (see --list_presets)')
 @click.option('--list_presets', is_flag=True, is_eager=True, expose_value=False, callback=list_presets,
@@ -265,6 +269,7 @@ def list_presets(ctx, _param, value):
 @click.option('--guidance_rate', type=float, default=None, help='Guidance scale')
 @click.option('--prompt', type=str, default=None, help='Prompt for Stable Diffusion')
 @click.option('--prompt_file', type=str, default=None, help='Prompts, one a line or MS-COCO captions JSON; prompt i for seed i')
+@click.option('--negative_prompt', type=str, default=None, help='diffusers pipelines: the negative prompt of classifier-free guidance')
 # GITS options.
 @click.option('--dp', type=BOOL, default=False, help='Search the schedule with GITS dynamic programming')
 @click.option('--metric', type=click.Choice(list(gits.METRICS)), default=gits.METRIC, help='GITS cost metric')

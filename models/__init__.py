@@ -7,6 +7,7 @@ import importlib
 from dnnlib.util import UserError
 
 GUIDANCE_TYPES = ('cg', 'cfg', 'uncond')   # classifier guidance, classifier-free guidance, none
+DTYPES = ('float32', 'float16', 'bfloat16')   # --dtype of the diffusers pipelines (torch dtype names)
 
 # dataset_name -> (module, loader function). Each loader takes (model_path=None, device=..., **kw).
 REGISTRY = {

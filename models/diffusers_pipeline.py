@@ -65,13 +65,13 @@ import torch
 from dnnlib.util import UserError
 from torch_utils import distributed as dist
 from torch_utils.prompts import read_prompt_file
-from . import reject_options
+from . import DTYPES as DTYPE_NAMES, reject_options
 from .base import Model
 from .discrete import DiscreteVPModel
 from .sd import StableDiffusion
 
 INSTALL = 'pip install diffusers transformers'
-DTYPES = {'float32': torch.float32, 'float16': torch.float16, 'bfloat16': torch.bfloat16}
+DTYPES = {name: getattr(torch, name) for name in DTYPE_NAMES}
 FLOW_SIGMA_MAX = 1e4       # stands for sigma = infinity (t = 1) in flow models; see the module doc
 DECODE_CHUNK = 8
 

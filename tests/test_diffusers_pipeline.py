@@ -479,3 +479,49 @@ def test_half_precision_denoiser(folders):
     assert D_half.dtype == torch.float32
     scale = D_full.abs().max()
     assert 0 < (D_half - D_full).abs().max() < 0.05 * scale
+
+
+# ----------------------------------------------------------------------------------------------
+# The command line: sample.py --dataset_name=diffusers.
+
+def cli_args(folders, kind, *extra):
+    return ['--dataset_name=diffusers', f'--model_path={folders[kind]}', f'--prompt={PROMPT}',
+            f'--resolution={diffusers_tiny.RESOLUTION}', '--seeds=0-1', '--batch=2', *extra]
+
+
+@pytest.mark.parametrize('kind', ('sdxl', 'flux'))
+def test_cli_euler_pipeline_mode_equals_diffusers(folders, kind, tmp_path):
+    """The README's command: euler + --schedule_type=pipeline + --denoise_to_zero writes the PNGs of
+    diffusers' own N-step run (starting where the pipeline starts), and run.json records the start."""
+    import json
+    from PIL import Image
+    import sample
+    from helpers import run_here
+    num_steps = 4
+    out = tmp_path / 'out'
+    r = run_here(sample.main, *cli_args(folders, kind, '--solver=euler', '--schedule_type=pipeline',
+                                        f'--num_steps={num_steps}', '--denoise_to_zero=True', f'--outdir={out}'))
+    assert r.returncode == 0, r.stderr
+    model = load(folders, kind)
+    reference = run_pipeline(model, unit_noise(model), num_inference_steps=num_steps)
+    for i, seed in enumerate(SEEDS):
+        png = np.asarray(Image.open(out / f'{seed:06d}.png'), dtype=np.float64) / 255
+        assert np.abs(png - reference[i].permute(1, 2, 0).numpy()).max() <= 1.5 / 255   # PNG rounding + 1/255
+    record = json.loads((out / 'run.json').read_text())
+    scale = model.pipeline_noise_scale(num_steps)
+    assert record['start_scale'] == (None if scale == record['t_steps'][0] else scale)
+    assert record['resolution'] == [model.height, model.width] and record['dtype'] == 'float32'
+
+
+def test_cli_pipeline_flags_refused_elsewhere(folders, tmp_path):
+    import sample
+    from helpers import assert_one_line_error, run_here
+    for args, flag in ((['--dataset_name=digits', '--schedule_type=pipeline'], '--schedule_type'),
+                       (['--dataset_name=digits', '--negative_prompt=x'], '--negative_prompt'),
+                       (['--dataset_name=digits', '--dtype=float16'], '--dtype'),
+                       (['--dataset_name=digits', '--dtype=float8'], '--dtype'),
+                       (cli_args(folders, 'flux', '--schedule_type=pipeline', '--dp=True'), '--dp'),
+                       (cli_args(folders, 'flux', '--schedule_type=pipeline', '--schedule_rho=3'), '--schedule_rho')):
+        r = run_here(sample.main, '--seeds=0', f'--outdir={tmp_path / "x"}', *args)
+        assert_one_line_error(r, flag)
+        assert not (tmp_path / 'x').exists()

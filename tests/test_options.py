@@ -58,7 +58,8 @@ def test_gits_defaults_come_from_gits():
 # Resume identity.
 
 IDENTITY_KEYS = {'dataset_name', 'checkpoint', 'solver', 'solver_options', 'compat', 't_steps', 'afs', 'denoise_to_zero',
-                 'class_idx', 'guidance_rate', 'prompt', 'prompt_file', 'use_fp16', 'grid', 'subdirs'}
+                 'class_idx', 'guidance_rate', 'prompt', 'prompt_file', 'use_fp16', 'grid', 'subdirs',
+                 'negative_prompt', 'dtype', 'resolution', 'start_scale'}
 
 
 def test_identity_key_set_is_pinned():
@@ -79,7 +80,8 @@ CHANGED_BY_FLAG = {
 # Keys no flag of `digits` can change (the model refuses the flag first): compared in run_record.
 CHANGED_IN_RECORD = {'checkpoint': [{'size': 1, 'sha256': 'x'}], 'class_idx': 3, 'guidance_rate': 2.0,
                      'prompt': 'a cat', 'prompt_file': {'size': 1}, 'use_fp16': True,
-                     'solver_options': {'max_order': 3}, 'compat': 'gits-main'}
+                     'solver_options': {'max_order': 3}, 'compat': 'gits-main', 'negative_prompt': 'blurry',
+                     'dtype': 'bfloat16', 'resolution': [64, 96], 'start_scale': 14.65}
 
 
 def test_every_identity_key_is_checked():
