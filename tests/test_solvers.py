@@ -7,9 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-import solver_reference as ref  # noqa: E402
 import solver_utils as su
 import solvers
+from reference import solver_reference as ref
 from helpers import assert_one_line_error, run_cli
 
 SIGMA_MAX, SIGMA_MIN = 10.0, 0.5     # the ODE range of the convergence-order tests
