@@ -8,11 +8,16 @@ import math
 import pytest
 import torch
 
+import dnnlib
 import gits
+import run_schedule
+import sample
 import solver_utils
 import solvers
 import student_search
-from helpers import assert_one_line_error, run_cli, torchrun
+from helpers import assert_one_line_error, run_cli, run_here, torchrun
+from torch_utils import misc
+from torch_utils.seeds import draw_seed_inputs
 
 
 @pytest.fixture(scope='module')
@@ -347,6 +352,66 @@ def test_normal_equations_do_not_depend_on_rounds_or_threads(gmm):
     g_ref = sum(jac[m].T @ res[m] * w[m] for m in range(4))
     torch.testing.assert_close(got[0][0], A_ref, rtol=1e-10, atol=0)
     torch.testing.assert_close(got[0][1], g_ref, rtol=1e-10, atol=0)
+
+
+def test_check_set_is_the_seeds_after_the_warmup_ones(tmp_path, digits, monkeypatch):
+    """The refinement's verdict is decided by the teacher runs of the check seeds, the num_warmup
+    seeds after the warm-up ones (never a warm-up seed), and by nothing else: the per-trajectory
+    errors the verdict gets are recomputed here, from those seeds' noise, for the start and the
+    refined schedule. The verdict is forced to keep, so the refined schedule is the run's."""
+    seen = []
+
+    def verdict(start_errors, refined_errors):
+        seen.append((start_errors, refined_errors))
+        return True, 0.0, 0.0
+
+    monkeypatch.setattr(student_search, 'check_verdict', verdict)
+    num_warmup, first = 5, 1000
+    r = run_here(sample.main, '--dataset_name=digits', '--seeds=0-1', '--solver=ipndm', '--num_steps=5', '--dp=True',
+                 '--refine=True', f'--num_warmup={num_warmup}', f'--warmup_seed={first}', '--num_steps_tea=13',
+                 '--batch=3', f'--outdir={tmp_path}')
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / 'run.json').read_text())
+    search, refined = record['search'], record['search']['refined']['5']
+    assert len(seen) == 1 and refined['kept'] and refined['steps'] > 0
+    assert search['num_check'] == refined['check']['size'] == num_warmup * student_search.CHECK_PER_WARMUP
+    t_tea = torch.tensor(search['teacher_grid'], dtype=torch.float64)
+    options = solvers.resolve_options('ipndm', {})
+    starts = {kind: solver_utils.get_schedule(5, 0.002, 80, kind, rho) for kind, rho in student_search.FIXED_SCHEDULES}
+    starts.update({name: t_tea[path] for name, path in search['paths']['5'].items()})
+    schedules = dict(start=starts[refined['start']], refined=torch.tensor(record['t_steps'], dtype=torch.float64))
+
+    def errors(seeds, t_steps):
+        noise = draw_seed_inputs(seeds, digits.shape, 0)[0].float()          # sample.py's float32 noise
+        xs, _, _, _ = gits.teacher_run(digits.denoise, noise, t_tea, 'ipndm', **search['teacher_options'])
+        out = solvers.ipndm(digits.denoise, noise * float(t_steps[0]), t_steps, **options)
+        return misc.per_seed_rmse(out, xs[-1])
+
+    check_seeds = range(first + num_warmup, first + num_warmup + search['num_check'])
+    for got, key in zip(seen[0], ('start', 'refined')):
+        torch.testing.assert_close(got, errors(check_seeds, schedules[key]), rtol=1e-12, atol=0)
+        # The warm-up seeds give other errors: the check is not the fit's own data.
+        assert not torch.allclose(got, errors(range(first, first + num_warmup), schedules[key]), rtol=1e-3)
+
+
+def test_warmup_and_check_rounds_split_over_ranks(digits, monkeypatch):
+    """run_schedule's rounds: the warm-up seeds and then the check seeds, each seed's noise its
+    own, the rounds of all ranks together covering each seed once, indexed from 0 in seed order."""
+    opts = dnnlib.EasyDict(warmup_seed=50, num_warmup=7, batch=4, class_idx=None, refine=True)
+    for world in (1, 2, 3):
+        monkeypatch.setattr(run_schedule.dist, 'get_world_size', lambda: world)
+        for rounds_of, base in ((run_schedule.warmup_rounds, 50), (run_schedule.check_rounds, 57)):
+            index, noise = [], []
+            for rank in range(world):
+                monkeypatch.setattr(run_schedule.dist, 'get_rank', lambda: rank)
+                for first, _, lat in rounds_of(digits, opts, 'cpu'):
+                    index += range(first, first + len(lat))
+                    noise.append(lat)
+            order = sorted(range(len(index)), key=index.__getitem__)
+            assert sorted(index) == list(range(7)), (world, base)
+            want = draw_seed_inputs(range(base, base + 7), digits.shape, 0)[0].float()
+            assert torch.equal(torch.cat(noise)[order], want), (world, base)
+    assert run_schedule.check_rounds(digits, dnnlib.EasyDict(opts, refine=False), 'cpu') == []
 
 
 @pytest.mark.parametrize('args,flag', [
