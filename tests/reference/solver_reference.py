@@ -3,6 +3,8 @@ independently of solver_utils: direct adaptive quadrature in each method's own v
 (sigma, VP time, lambda = -log sigma) and, for UniPC, the linear system of the UniPC paper
 (arXiv 2302.04867) with its phi functions."""
 
+import functools
+
 import mpmath as mp
 
 mp.mp.dps = 40
@@ -129,6 +131,7 @@ def _combine(a, x, weights, outputs):
     return a * x + sum(float(w) * m for w, m in zip(weights, outputs))
 
 
+@functools.lru_cache(maxsize=None)         # the runs of several option sets share weights
 def dpmpp_weights(ts, i, p, predict_x0):
     return dpmpp2(ts, i, predict_x0) if p == 2 else lambda_adams(ts, i, p, predict_x0)
 
@@ -160,7 +163,11 @@ def dpmpp_run(denoise, x, ts, max_order, predict_x0, lower_order_final):
                          lambda i, p: dpmpp_weights(ts, i, p, predict_x0))
 
 
+_unipc_weights = functools.lru_cache(maxsize=None)(unipc)
+
+
 def unipc_run(denoise, x, ts, max_order, predict_x0, lower_order_final, variant):
+    weights = _unipc_weights
     return multistep_run(denoise, x, ts, max_order, predict_x0, lower_order_final,
-                         lambda i, p: unipc(ts, i, p, predict_x0, variant, False),
-                         lambda i, p: unipc(ts, i, p, predict_x0, variant, True))
+                         lambda i, p: weights(ts, i, p, predict_x0, variant, False),
+                         lambda i, p: weights(ts, i, p, predict_x0, variant, True))
