@@ -17,7 +17,8 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 # file and test name (every parametrization): command lines in a subprocess or under torchrun,
 # benchmark runs, exact-solution convergence runs, and long parametrized comparisons.
 SLOW = {
-    'test_adm.py': ('test_golden_unet_fails_without', 'test_loader_infers_tiny_config_and_matches_network', 'test_rate_zero_equals_unguided',
+    'test_adm.py': ('test_golden_unet_fails_without', 'test_loader_infers_tiny_config_and_matches_network',
+                    'test_rate_zero_equals_unguided',
                     'test_guidance_term_matches_finite_differences', 'test_sample_cli_subprocess',
                     'test_sample_every_solver', 'test_sample_gits_with_discrete_schedule'),
     'test_analytic.py': ('test_denoiser_batch_invariant', 'test_exact_is_converged',
@@ -63,8 +64,8 @@ SLOW = {
                            'test_sample_cli_takes_a_diffusers_folder',
                            'test_damaged_safetensors_is_one_line_and_writes_nothing',
                            'test_diffusers_folder_without_unet_is_one_line_and_writes_nothing'),
-    'test_solvers.py': ('test_deis_mode_selects_its_table', 'test_bad_options_cli', 'test_nfe_afs_and_inters', 'test_convergence_order',
-                        'test_convergence_order_ipndm', 'test_converges_with_default_recipe',
+    'test_solvers.py': ('test_deis_mode_selects_its_table', 'test_bad_options_cli', 'test_nfe_afs_and_inters',
+                        'test_convergence_order', 'test_convergence_order_ipndm', 'test_converges_with_default_recipe',
                         'test_coefficients_match_high_precision_reference',
                         'test_multistep_run_matches_reference_loop'),
     'test_student_search.py': ('test_replayed_runs_equal_fresh_runs_and_skip_the_shared_prefix',
