@@ -265,6 +265,22 @@ def _ordered(t_steps):
     return bool((t_steps[:-1].log() - t_steps[1:].log() >= MIN_GAP).all())
 
 
+def _irls_terms(jac, res):
+    """One trajectory's terms of the normal equations, [P * P + P]: J^T J / |r| (flattened) and
+    J^T r / |r|, for its Jacobian J [D, P] and residual r [D] (float64). Every entry is a sum over
+    D of elementwise products, reduced over dim 0 of a [D, P + 1] block (one output per column):
+    each output is then summed in the same order whatever the batch and the thread count, so the
+    terms of a trajectory are the same bits however the trajectories are split over rounds and
+    processes. A batched einsum's rounding depends on the batch (a kept refinement then differed
+    between 1 and 2 processes in the last digits), a matrix product's and a single dot product's
+    (one output: a two-pass reduction) on the thread count."""
+    both = torch.cat([jac, res[:, None]], dim=1)                       # [D, P + 1]: J | r
+    gram = torch.stack([(both * both[:, q:q + 1]).sum(0) for q in range(both.shape[1])])
+    p = jac.shape[1]
+    weight = 1 / gram[p, p].sqrt().clamp_min(1e-30)                    # 1 / |r|
+    return torch.cat([gram[:p, :p].flatten(), gram[:p, p]]) * weight
+
+
 def _normal_equations(data, t_steps, solver, options, afs, lo, hi):
     """IRLS normal equations (A, g) of the residuals on trajectories [lo, hi) at t_steps, summed
     over trajectories in global-index order (so independent of batches and processes); and the
@@ -289,10 +305,7 @@ def _normal_equations(data, t_steps, solver, options, afs, lo, hi):
             columns.append((x.to(torch.float64).flatten(1) - base) / steps[k])
         jac = torch.stack(columns, dim=-1)                             # [rows, D, P]
         res = base - target                                            # [rows, D]
-        weight = 1 / res.norm(dim=1).clamp_min(1e-30)
-        a_rows = torch.einsum('bdp,bdq->bpq', jac, jac) * weight[:, None, None]
-        g_rows = torch.einsum('bdp,bd->bp', jac, res) * weight[:, None]
-        rows.extend((rnd.first + a + m, torch.cat([a_rows[m].flatten(), g_rows[m]])) for m in range(b - a))
+        rows.extend((rnd.first + a + m, _irls_terms(jac[m], res[m])) for m in range(b - a))
     total = dist.gather_in_order(rows).sum(0)
     p = len(u)
     return total[:p * p].reshape(p, p), total[p * p:], evals

@@ -6,8 +6,13 @@ import math
 import os
 
 import pytest
+import torch
 
+import gits
+import solver_utils
+import solvers
 from helpers import assert_one_line_error, run_cli
+from torch_utils.seeds import draw_seed_inputs
 
 
 def test_gits_benchmark_small_run(tmp_path):
@@ -78,20 +83,56 @@ def test_compat_benchmark_small_run(tmp_path):
     assert any(v is not None for row in res['search'] for pair in row['rmse'] for v in pair)
 
 
-def test_solvers_benchmark_small_run(tmp_path):
+def test_solvers_benchmark_small_run(tmp_path, digits):
+    """Every solver x schedule row has a number for each NFE the solver can reach and '-' (None)
+    exactly where it cannot (odd NFE for the two-evaluation solvers); the numbers are the RMSE to
+    the exact solution, recomputed here for a few cells."""
     out = tmp_path / 'solvers.json'
     r = run_cli('benchmarks/solvers.py', '--models=digits', '--seeds=0-1', f'--out={out}')
     assert r.returncode == 0, r.stderr
-    rmse = json.loads(out.read_text())['models']['digits']['rmse']
-    assert rmse['ipndm/polynomial'] and all(v is None or v >= 0 for v in rmse['ipndm/polynomial'])
+    record = json.loads(out.read_text())
+    nfes, rmse = record['nfes'], record['models']['digits']['rmse']
+    assert sorted(rmse) == sorted(f'{s}/{k}' for s in solvers.SOLVERS for k in ('polynomial', 'logsnr', 'time_uniform'))
+    for key, row in rmse.items():
+        two_evals = solvers.SOLVER_SPECS[key.split('/')[0]].evals_per_step == 2
+        assert [v is None for v in row] == [two_evals and nfe % 2 == 1 for nfe in nfes], key
+        assert all(math.isfinite(v) and v > 0 for v in row if v is not None), key
+    x = draw_seed_inputs([0, 1], digits.shape, 0)[0] * digits.sigma_max
+    exact = digits.exact(x, digits.sigma_max, digits.sigma_min)
+    for solver, schedule, rho, nfe, points in (('ipndm', 'polynomial', 7.0, 5, 6), ('heun', 'polynomial', 7.0, 4, 3),
+                                              ('deis', 'time_uniform', 2.0, 8, 9)):
+        ts = solver_utils.get_schedule(points, digits.sigma_min, digits.sigma_max, schedule, rho)
+        e = (solvers.SOLVERS[solver](digits.denoise, x, ts) - exact).flatten(1).square().mean(-1).sqrt()
+        assert rmse[f'{solver}/{schedule}'][nfes.index(nfe)] == pytest.approx(float(e.mean()), rel=1e-12)
 
 
-def test_presets_benchmark_small_run(tmp_path):
+def test_presets_benchmark_small_run(tmp_path, digits):
+    """The four schedules are the ones the benchmark says (gits_here searched on its warm-up seeds),
+    and every cell's RMSE, difference to gits_here and paired standard error are recomputed here
+    from the exact solution on the held-out seeds."""
     out = tmp_path / 'presets.json'
     r = run_cli('benchmarks/presets.py', '--models=digits', '--solvers=ipndm', '--nfe=5', '--num_warmup=8',
                 '--num_eval=4', f'--out={out}')
     assert r.returncode == 0, r.stderr
-    row = json.loads(out.read_text())['results']['digits']['rows']['5']['solvers']['ipndm']
-    assert row['gits_here']['diff'] == 0 and row['gits_here']['se'] == 0      # the reference against itself
+    record = json.loads(out.read_text())
+    sigma_min, sigma_max = record['sigma_range']
+    nfe_row = record['results']['digits']['rows']['5']
+    schedules = {k: torch.tensor(solver_utils.parse_t_steps(v), dtype=torch.float64)
+                 for k, v in nfe_row['schedules'].items()}
+    assert sorted(schedules) == ['ays', 'gits_here', 'gits_table', 'polynomial']
+    assert all(len(t) == 6 and float(t[0]) == pytest.approx(sigma_max) for t in schedules.values())
+    warm = draw_seed_inputs(range(1_000_000, 1_000_008), digits.shape, 0)[0]
+    searched = gits.search_schedule(digits.denoise, warm, num_steps=6, sigma_min=sigma_min, sigma_max=sigma_max)
+    assert solver_utils.format_t_steps(searched) == nfe_row['schedules']['gits_here']
+    lat = draw_seed_inputs(range(4), digits.shape, 0)[0]
+    ref = digits.exact(lat * sigma_max, sigma_max, sigma_min)
+    errors = {k: (solvers.SOLVERS['ipndm'](digits.denoise, lat * float(t[0]), t) - ref).flatten(1).square().mean(-1).sqrt()
+              for k, t in schedules.items()}
+    row = nfe_row['solvers']['ipndm']
     for name, cell in row.items():
-        assert cell['diff'] == pytest.approx(cell['rmse'] - row['gits_here']['rmse'], abs=1e-12), name
+        diff = errors[name] - errors['gits_here']
+        assert cell['rmse'] == pytest.approx(float(errors[name].mean()), rel=1e-9), name
+        assert cell['diff'] == pytest.approx(float(diff.mean()), rel=1e-9, abs=1e-12), name
+        assert cell['se'] == pytest.approx(float(diff.std() / 2), rel=1e-9, abs=1e-12), name
+        if name != 'gits_here':          # a real comparison: another schedule, other errors
+            assert cell['se'] > 0 and not torch.equal(schedules[name], schedules['gits_here']), name

@@ -10,10 +10,10 @@ import pytest
 import torch
 
 import gits_main
-import gits_main_reference as official
 import schedules
 import solver_utils as su
 import solvers
+from reference import gits_main_reference as official
 from test_solvers import CONFIGS      # every solver with every option combination
 
 COMPAT = 'gits-main'

@@ -11,11 +11,11 @@ import torch
 from PIL import Image
 
 import gits
-import gits_main_reference as official
 import models
 import sample
 import schedules
 import solvers
+from reference import gits_main_reference as official
 from helpers import assert_one_line_error, listing, run_here, write_release
 from torch_utils.seeds import seed_batch
 

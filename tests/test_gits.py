@@ -198,6 +198,48 @@ def test_afs_free_step_is_the_best_candidate(digits):
     assert path_afs[1] == min(errs, key=errs.get)
 
 
+@pytest.mark.parametrize('target', [1, 2, 4])
+def test_afs_free_step_tries_exactly_the_candidates_between_the_first_two_points(digits, target):
+    """Every teacher point strictly between path[0] and path[1] is tried once per trajectory, and
+    nothing else; the evaluations are those runs' own; the one whose student output is the
+    teacher's final point (error 0: here the target is made from that candidate's own run) is
+    kept, whether it lies at either end of the candidates (1 and 4) or inside (2)."""
+    lat = torch.randn(5, *digits.shape, generator=torch.Generator().manual_seed(10))
+    t_tea = solver_utils.get_schedule(13, 0.002, 80)
+    path = [0, 5, 9, 12]
+    options = solvers.resolve_options('ipndm', {})
+    calls = []
+
+    def denoise(x, sigma):
+        calls.append((float(sigma), x.shape[0]))
+        return digits.denoise(x, sigma)
+
+    def student(x, points):
+        return solvers.ipndm(digits.denoise, x * float(t_tea[0]), t_tea[points], afs=True, **options)
+
+    data = []
+    for first, size in ((0, 3), (3, 2)):                    # two rounds, as from two batches
+        x = lat[first:first + size]
+        final = student(x, [0, target] + path[1:])          # the teacher's final point: that candidate's output
+        data.append(gits.TeacherRound(first, denoise, x, final[None], None, None))
+    t_steps, new_path, evals = gits.afs_free_step(data, t_tea, path, 'ipndm', options)
+    assert new_path == [0, target, 5, 9, 12] and torch.equal(t_steps, t_tea[new_path])
+    # Exactly the candidates 1..4 were tried, each on all 5 trajectories; a 5-point afs run of
+    # iPNDM evaluates at its points 1..3 (never at t_0).
+    tried = sorted({s for s, _ in calls} - {float(t_tea[k]) for k in path})
+    assert tried == [float(t_tea[m]) for m in (4, 3, 2, 1)]
+    rows = {}
+    for s, b in calls:
+        rows[s] = rows.get(s, 0) + b
+    assert all(rows[float(t_tea[m])] == 5 for m in (1, 2, 3, 4))
+    assert rows[float(t_tea[5])] == rows[float(t_tea[9])] == 4 * 5 and float(t_tea[0]) not in rows
+    assert evals == sum(rows.values()) == 4 * 5 * solvers.count_nfe('ipndm', 5, afs=True)
+    # Without room between the first two points nothing is tried.
+    calls.clear()
+    t_same, same_path, none = gits.afs_free_step(data, t_tea, [0, 1, 9, 12], 'ipndm', options)
+    assert same_path == [0, 1, 9, 12] and none == 0 and not calls and torch.equal(t_same, t_tea[[0, 1, 9, 12]])
+
+
 def test_torchrun_two_processes_same_schedule(tmp_path):
     args = ['--dataset_name=digits', '--seeds=0-3', '--dp=True', '--num_warmup=10', '--batch=4',
             '--solver=heun', '--solver_tea=heun', '--num_steps=5', '--num_steps_tea=21']

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-import solver_reference as ref  # noqa: E402
 import schedules
 import solver_utils as su
 import solvers
+from reference import solver_reference as ref
 from helpers import assert_one_line_error, run_cli
 
 SIGMA_MAX, SIGMA_MIN = 10.0, 0.5     # the ODE range of the convergence-order tests
@@ -381,6 +381,31 @@ def test_coefficients_match_high_precision_reference(ts):
                             assert corr[i] is None
                         else:
                             _close(corr[i][1], ref.unipc(ts, i, q, px, variant, True), 1e-12)
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs against a reference step loop.
+
+MULTISTEP_RUNS = [c for c in CONFIGS if c[0] in ('dpmpp', 'unipc')]
+
+
+@pytest.mark.parametrize('name, opt', MULTISTEP_RUNS, ids=[f'{n}-{o}' for n, o in MULTISTEP_RUNS])
+def test_multistep_run_matches_reference_loop(name, opt, gmm):
+    """The whole trajectory of DPM-Solver++ and UniPC against tests/reference's plain loop over
+    the steps with the mpmath weights: which order each step takes (lower_order_final lowers the
+    last ones) and which steps UniPC corrects (all but the last). On this 6-step schedule a
+    lowered order, or one skipped correction, moves the trajectory by 1e-3 or more of its scale,
+    far beyond the 1e-9 allowed here (float64 round-off of the weights and the steps)."""
+    ts = (80.0, 10.9836, 3.8811, 1.584, 0.5666, 0.1698, 0.002)
+    x = _latents(gmm, 2, seed=5) * 80
+    if name == 'dpmpp':
+        want = ref.dpmpp_run(gmm.denoise, x, ts, opt['max_order'], opt['predict_x0'], opt['lower_order_final'])
+    else:
+        want = ref.unipc_run(gmm.denoise, x, ts, opt['max_order'], opt['predict_x0'], opt['lower_order_final'],
+                             opt['variant'])
+    _, inters = solvers.SOLVERS[name](gmm.denoise, x, torch.tensor(ts, dtype=torch.float64), return_inters=True, **opt)
+    for i, (got, expect) in enumerate(zip(inters, want)):
+        assert _rmse(got, expect) <= 1e-9 * float(expect.abs().max()), (i, _rmse(got, expect))
 
 
 # ----------------------------------------------------------------------------------------------

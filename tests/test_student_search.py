@@ -8,12 +8,17 @@ import math
 import pytest
 import torch
 
+import dnnlib
 import gits
 import schedules
+import run_schedule
+import sample
 import solver_utils
 import solvers
 import student_search
-from helpers import assert_one_line_error, run_cli, torchrun
+from helpers import assert_one_line_error, run_cli, run_here, torchrun
+from torch_utils import misc
+from torch_utils.seeds import draw_seed_inputs
 
 
 @pytest.fixture(scope='module')
@@ -276,6 +281,138 @@ def test_refined_search_is_the_same_on_two_processes(tmp_path):
     assert one['refined'] == two['refined'] and one['evals'] == two['evals']
     assert json.loads((tmp_path / 'one' / 'run.json').read_text())['t_steps'] == \
         json.loads((tmp_path / 'two' / 'run.json').read_text())['t_steps']
+
+
+def test_kept_refinement_is_the_same_on_two_processes(tmp_path):
+    """The fitted schedule itself, with the check verdict forced to keep (tests/keep_refinement.py):
+    warm-up and check seeds split over two processes (and so over smaller rounds) give the same
+    bits as one process. On gmm a batched einsum of the normal equations made the last digits
+    differ (13.735495874028421 vs ...409), and the Levenberg-Marquardt steps carry them on."""
+    args = ['--dataset_name=gmm', '--seeds=0-1', '--dp=True', '--search=student', '--refine=True',
+            '--refine_budget=20', '--num_warmup=10', '--batch=4', '--solver=ipndm', '--num_steps=5',
+            '--num_steps_tea=13']
+    r1 = run_cli('tests/keep_refinement.py', *args, f'--outdir={tmp_path / "one"}')
+    assert r1.returncode == 0, r1.stderr
+    r2 = torchrun('tests/keep_refinement.py', 2, *args, f'--outdir={tmp_path / "two"}')
+    assert r2.returncode == 0, r2.stderr
+    one, two = (json.loads((tmp_path / d / 'run.json').read_text()) for d in ('one', 'two'))
+    refined = one['search']['refined']['5']
+    assert refined['kept'] and refined['steps'] >= 3
+    assert one['search']['refined'] == two['search']['refined']
+    assert one['t_steps'] == two['t_steps']
+    # The kept schedule is the fit's, not one of the starts.
+    starts = [[float(t) for t in solver_utils.get_schedule(5, 0.002, 80, kind, rho)]
+              for kind, rho in student_search.FIXED_SCHEDULES]
+    teacher_grid = one['search']['teacher_grid']
+    starts += [[teacher_grid[i] for i in path] for path in one['search']['paths']['5'].values()]
+    assert one['t_steps'] not in starts
+
+
+def test_normal_equations_do_not_depend_on_rounds_or_threads(gmm):
+    """The IRLS normal equations of the same trajectories, in one round or in rounds of 1 and 3
+    (as more processes split them), on 1 or 2 threads: the same bits; and they are the sums of
+    J^T J / |r| and J^T r / |r| of the definition."""
+    lat = torch.randn(4, *gmm.shape, generator=torch.Generator().manual_seed(3))
+    t_tea = solver_utils.get_schedule(13, 0.002, 80)
+    ts = solver_utils.get_schedule(5, 0.002, 80)
+    options = solvers.resolve_options('ipndm', {})
+    threads = torch.get_num_threads()
+    got = []
+    try:
+        for count in (1, 2):
+            torch.set_num_threads(count)
+            for split in ([4], [1, 3]):
+                rounds, first = [], 0
+                for size in split:
+                    rounds.append((first, gmm.denoise, lat[first:first + size]))
+                    first += size
+                data, _, _ = gits.run_teachers(rounds, t_tea)
+                A, g, _ = student_search._normal_equations(data, ts, 'ipndm', options, False, 0, 4)
+                got.append((A, g))
+    finally:
+        torch.set_num_threads(threads)
+    for A, g in got[1:]:
+        assert torch.equal(A, got[0][0]) and torch.equal(g, got[0][1])
+    # The definition, one trajectory at a time: forward differences of the final point.
+    data, _, _ = gits.run_teachers([(0, gmm.denoise, lat)], t_tea)
+    rnd = data[0]
+    u = ts[1:-1].log()
+    steps = student_search.FD_STEP * torch.minimum(ts[:-2].log() - u, u - ts[2:].log())
+    base = student_search._run(gmm.denoise, rnd, 0, 4, ts, 'ipndm', options, False).double().flatten(1)
+    cols = []
+    for k in range(3):
+        moved = u.clone()
+        moved[k] += steps[k]
+        x = student_search._run(gmm.denoise, rnd, 0, 4, student_search._with_interior(ts, moved), 'ipndm',
+                                options, False)
+        cols.append((x.double().flatten(1) - base) / steps[k])
+    jac = torch.stack(cols, -1)
+    res = base - rnd.xs[-1].double().flatten(1)
+    w = 1 / res.norm(dim=1)
+    A_ref = sum(jac[m].T @ jac[m] * w[m] for m in range(4))
+    g_ref = sum(jac[m].T @ res[m] * w[m] for m in range(4))
+    torch.testing.assert_close(got[0][0], A_ref, rtol=1e-10, atol=0)
+    torch.testing.assert_close(got[0][1], g_ref, rtol=1e-10, atol=0)
+
+
+def test_check_set_is_the_seeds_after_the_warmup_ones(tmp_path, digits, monkeypatch):
+    """The refinement's verdict is decided by the teacher runs of the check seeds, the num_warmup
+    seeds after the warm-up ones (never a warm-up seed), and by nothing else: the per-trajectory
+    errors the verdict gets are recomputed here, from those seeds' noise, for the start and the
+    refined schedule. The verdict is forced to keep, so the refined schedule is the run's."""
+    seen = []
+
+    def verdict(start_errors, refined_errors):
+        seen.append((start_errors, refined_errors))
+        return True, 0.0, 0.0
+
+    monkeypatch.setattr(student_search, 'check_verdict', verdict)
+    num_warmup, first = 5, 1000
+    r = run_here(sample.main, '--dataset_name=digits', '--seeds=0-1', '--solver=ipndm', '--num_steps=5', '--dp=True',
+                 '--refine=True', f'--num_warmup={num_warmup}', f'--warmup_seed={first}', '--num_steps_tea=13',
+                 '--batch=3', f'--outdir={tmp_path}')
+    assert r.returncode == 0, r.stderr
+    record = json.loads((tmp_path / 'run.json').read_text())
+    search, refined = record['search'], record['search']['refined']['5']
+    assert len(seen) == 1 and refined['kept'] and refined['steps'] > 0
+    assert search['num_check'] == refined['check']['size'] == num_warmup * student_search.CHECK_PER_WARMUP
+    t_tea = torch.tensor(search['teacher_grid'], dtype=torch.float64)
+    options = solvers.resolve_options('ipndm', {})
+    starts = {kind: solver_utils.get_schedule(5, 0.002, 80, kind, rho) for kind, rho in student_search.FIXED_SCHEDULES}
+    starts.update({name: t_tea[path] for name, path in search['paths']['5'].items()})
+    schedules = dict(start=starts[refined['start']], refined=torch.tensor(record['t_steps'], dtype=torch.float64))
+
+    def errors(seeds, t_steps):
+        noise = draw_seed_inputs(seeds, digits.shape, 0)[0].float()          # sample.py's float32 noise
+        xs, _, _, _ = gits.teacher_run(digits.denoise, noise, t_tea, 'ipndm', **search['teacher_options'])
+        out = solvers.ipndm(digits.denoise, noise * float(t_steps[0]), t_steps, **options)
+        return misc.per_seed_rmse(out, xs[-1])
+
+    check_seeds = range(first + num_warmup, first + num_warmup + search['num_check'])
+    for got, key in zip(seen[0], ('start', 'refined')):
+        torch.testing.assert_close(got, errors(check_seeds, schedules[key]), rtol=1e-12, atol=0)
+        # The warm-up seeds give other errors: the check is not the fit's own data.
+        assert not torch.allclose(got, errors(range(first, first + num_warmup), schedules[key]), rtol=1e-3)
+
+
+def test_warmup_and_check_rounds_split_over_ranks(digits, monkeypatch):
+    """run_schedule's rounds: the warm-up seeds and then the check seeds, each seed's noise its
+    own, the rounds of all ranks together covering each seed once, indexed from 0 in seed order."""
+    opts = dnnlib.EasyDict(warmup_seed=50, num_warmup=7, batch=4, class_idx=None, refine=True)
+    for world in (1, 2, 3):
+        monkeypatch.setattr(run_schedule.dist, 'get_world_size', lambda: world)
+        for rounds_of, base in ((run_schedule.warmup_rounds, 50), (run_schedule.check_rounds, 57)):
+            index, noise = [], []
+            for rank in range(world):
+                monkeypatch.setattr(run_schedule.dist, 'get_rank', lambda: rank)
+                for first, _, lat in rounds_of(digits, opts, 'cpu'):
+                    index += range(first, first + len(lat))
+                    noise.append(lat)
+            order = sorted(range(len(index)), key=index.__getitem__)
+            assert sorted(index) == list(range(7)), (world, base)
+            want = draw_seed_inputs(range(base, base + 7), digits.shape, 0)[0].float()
+            assert torch.equal(torch.cat(noise)[order], want), (world, base)
+    assert run_schedule.check_rounds(digits, dnnlib.EasyDict(opts, refine=False), 'cpu') == []
 
 
 @pytest.mark.parametrize('args,flag', [

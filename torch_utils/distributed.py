@@ -116,22 +116,6 @@ def barrier():
 
 
 @collective
-def all_reduce_sum(tensor):
-    """Sum `tensor` over all processes and return the result (a new tensor on tensor's device).
-    gloo reduces on the CPU; NCCL needs the tensor on the current CUDA device."""
-    if not is_distributed():
-        return tensor.clone()
-    backend = dist.get_backend()
-    work = tensor.detach().clone()
-    if backend == 'nccl':
-        work = work.cuda()
-    else:
-        work = work.cpu()
-    dist.all_reduce(work, op=dist.ReduceOp.SUM)
-    return work.to(tensor.device)
-
-
-@collective
 def all_gather_object(obj):
     """List of `obj` from every rank, in rank order."""
     if not is_distributed():

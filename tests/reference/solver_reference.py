@@ -3,6 +3,8 @@ independently of solver_utils: direct adaptive quadrature in each method's own v
 (sigma, VP time, lambda = -log sigma) and, for UniPC, the linear system of the UniPC paper
 (arXiv 2302.04867) with its phi functions."""
 
+import functools
+
 import mpmath as mp
 
 mp.mp.dps = 40
@@ -112,3 +114,60 @@ def unipc(ts, i, p, predict_x0, variant, corrector):
         else:
             past[k + 1] += coef
     return ([new] if corrector else []) + past
+
+
+# ----------------------------------------------------------------------------------------------
+# Whole runs: plain float64 loops over the steps with the weights above, written from the papers
+# (DPM-Solver++ Algorithm 2 and its higher orders; UniPC's predictor-corrector with the corrector
+# reusing the next evaluation, none after the last step). They check the solvers' step loop (which
+# order each step takes, which step is corrected), where the coefficient tests check the tables.
+
+def _output(denoise, x, t, predict_x0):
+    D = denoise(x, t)
+    return D if predict_x0 else (x - D) / t
+
+
+def _combine(a, x, weights, outputs):
+    return a * x + sum(float(w) * m for w, m in zip(weights, outputs))
+
+
+@functools.lru_cache(maxsize=None)         # the runs of several option sets share weights
+def dpmpp_weights(ts, i, p, predict_x0):
+    return dpmpp2(ts, i, predict_x0) if p == 2 else lambda_adams(ts, i, p, predict_x0)
+
+
+def multistep_run(denoise, x, ts, max_order, predict_x0, lower_order_final, predictor, corrector=None):
+    """The trajectory [len(ts), ...] of x_{i+1} = a x_i + sum_k w_k m_{i-k} (m: D or the slope, newest
+    first), a = t_{i+1} / t_i in data prediction and 1 in noise prediction; `predictor(i, p)` gives
+    step i's weights at order p; `corrector(i, p)`, if given, the weights over [m_{i+1}, m_i, ...] that
+    correct every step but the last, with the evaluation m_{i+1} at the predicted point."""
+    n = len(ts) - 1
+    step_orders = orders(n, max_order, lower_order_final)
+    history = [_output(denoise, x, ts[0], predict_x0)]
+    out = [x]
+    for i, p in enumerate(step_orders):
+        a = ts[i + 1] / ts[i] if predict_x0 else 1.0
+        x_next = _combine(a, x, predictor(i, p), history)
+        if i < n - 1:
+            m_next = _output(denoise, x_next, ts[i + 1], predict_x0)
+            if corrector is not None:
+                x_next = _combine(a, x, corrector(i, p), [m_next] + history)
+            history.insert(0, m_next)
+        x = x_next
+        out.append(x)
+    return out
+
+
+def dpmpp_run(denoise, x, ts, max_order, predict_x0, lower_order_final):
+    return multistep_run(denoise, x, ts, max_order, predict_x0, lower_order_final,
+                         lambda i, p: dpmpp_weights(ts, i, p, predict_x0))
+
+
+_unipc_weights = functools.lru_cache(maxsize=None)(unipc)
+
+
+def unipc_run(denoise, x, ts, max_order, predict_x0, lower_order_final, variant):
+    weights = _unipc_weights
+    return multistep_run(denoise, x, ts, max_order, predict_x0, lower_order_final,
+                         lambda i, p: weights(ts, i, p, predict_x0, variant, False),
+                         lambda i, p: weights(ts, i, p, predict_x0, variant, True))
