@@ -525,3 +525,20 @@ def test_cli_pipeline_flags_refused_elsewhere(folders, tmp_path):
         r = run_here(sample.main, '--seeds=0', f'--outdir={tmp_path / "x"}', *args)
         assert_one_line_error(r, flag)
         assert not (tmp_path / 'x').exists()
+
+
+@pytest.mark.slow
+def test_cli_search_and_refinement_write_run_json(folders, tmp_path):
+    """--dp with --refine through sample.py on a flow model: the search runs on the pipeline's
+    denoiser, and run.json records the searched schedule and its exports in flow time."""
+    import json
+    import sample
+    from helpers import run_here
+    out = tmp_path / 'out'
+    r = run_here(sample.main, *cli_args(folders, 'flux', '--solver=dpmpp', '--num_steps=4', '--dp=True', '--refine=True',
+                                        '--num_warmup=4', '--num_steps_tea=9', f'--outdir={out}'))
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / 'run.json').read_text())
+    assert record['search']['evals']['refine'] > 0 and len(record['t_steps']) == 4
+    assert record['exports']['diffusers']['sigmas'][0] == 1.0          # flow time, t = 1 first
+    assert sorted(p.name for p in out.glob('*.png')) == ['000000.png', '000001.png']

@@ -264,23 +264,26 @@ def test_sample_flags_end_to_end(tmp_path):
         assert (tmp_path / 'a' / name).read_bytes() == (tmp_path / 'b' / name).read_bytes()
 
 
+def run_json_on_one_and_two_processes(script, args, tmp_path):
+    """run.json of `script` with `args` on one process and under a 2-process torchrun."""
+    r1 = run_cli(script, *args, f'--outdir={tmp_path / "one"}')
+    assert r1.returncode == 0, r1.stderr
+    r2 = torchrun(script, 2, *args, f'--outdir={tmp_path / "two"}')
+    assert r2.returncode == 0, r2.stderr
+    return [json.loads((tmp_path / d / 'run.json').read_text()) for d in ('one', 'two')]
+
+
 def test_refined_search_is_the_same_on_two_processes(tmp_path):
     """Warm-up and check seeds split over two processes: the same starts, steps, check verdict,
     evaluations and schedule as one process."""
     args = ['--dataset_name=digits', '--seeds=0-1', '--dp=True', '--search=student', '--refine=True',
             '--refine_budget=20', '--num_warmup=10', '--batch=4', '--solver=unipc', '--num_steps=5',
             '--num_steps_tea=13']
-    r1 = run_cli('sample.py', *args, f'--outdir={tmp_path / "one"}')
-    assert r1.returncode == 0, r1.stderr
-    r2 = torchrun('sample.py', 2, *args, f'--outdir={tmp_path / "two"}')
-    assert r2.returncode == 0, r2.stderr
-    one, two = ((tmp_path / d / 'run.json').read_text() for d in ('one', 'two'))
-    one, two = json.loads(one)['search'], json.loads(two)['search']
-    refined = one['refined']['5']
-    assert refined['steps'] > 0 and refined['check']['size'] == one['num_check'] == 10
-    assert one['refined'] == two['refined'] and one['evals'] == two['evals']
-    assert json.loads((tmp_path / 'one' / 'run.json').read_text())['t_steps'] == \
-        json.loads((tmp_path / 'two' / 'run.json').read_text())['t_steps']
+    one, two = run_json_on_one_and_two_processes('sample.py', args, tmp_path)
+    refined = one['search']['refined']['5']
+    assert refined['steps'] > 0 and refined['check']['size'] == one['search']['num_check'] == 10
+    assert one['search']['refined'] == two['search']['refined'] and one['search']['evals'] == two['search']['evals']
+    assert one['t_steps'] == two['t_steps']
 
 
 def test_kept_refinement_is_the_same_on_two_processes(tmp_path):
@@ -291,11 +294,7 @@ def test_kept_refinement_is_the_same_on_two_processes(tmp_path):
     args = ['--dataset_name=gmm', '--seeds=0-1', '--dp=True', '--search=student', '--refine=True',
             '--refine_budget=20', '--num_warmup=10', '--batch=4', '--solver=ipndm', '--num_steps=5',
             '--num_steps_tea=13']
-    r1 = run_cli('tests/keep_refinement.py', *args, f'--outdir={tmp_path / "one"}')
-    assert r1.returncode == 0, r1.stderr
-    r2 = torchrun('tests/keep_refinement.py', 2, *args, f'--outdir={tmp_path / "two"}')
-    assert r2.returncode == 0, r2.stderr
-    one, two = (json.loads((tmp_path / d / 'run.json').read_text()) for d in ('one', 'two'))
+    one, two = run_json_on_one_and_two_processes('tests/keep_refinement.py', args, tmp_path)
     refined = one['search']['refined']['5']
     assert refined['kept'] and refined['steps'] >= 3
     assert one['search']['refined'] == two['search']['refined']
