@@ -4,7 +4,7 @@ Our default code is the method as the paper and the solvers' papers state it; wh
 code computes something else, this module holds its version, so that a run with
 compat='gits-main' gives the official output (to round-off) with the same denoiser calls, and a
 one-line ValueError where the official code crashes. Every difference is listed, with which side
-is right, in the README (Differences from the official code).
+is right, in docs/official-differences.md.
 
 Importing it registers `GitsMain` as schedules.COMPAT_MODES['gits-main'], the object the default
 code asks (schedules.compat_mode; solvers.py imports this module): its float32

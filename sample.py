@@ -263,7 +263,7 @@ def list_presets(ctx, _param, value):
 @click.option('--variant', type=str, default=None, help='unipc: bh1 or bh2 [default: bh2]')
 @click.option('--deis_mode', type=str, default=None, help='deis: tab or rhoab [default: tab]')
 @click.option('--thresholding', type=BOOL, default=None, help='dpmpp/unipc with predict_x0: dynamic thresholding of the data prediction (pixel-space models) [default: False; True with --compat=gits-main]')
-@click.option('--compat', type=str, default=None, help='gits-main: reproduce the official GITS code (zju-pi/diff-sampler) instead of the correct mathematics where they differ (README: Differences from the official code)')
+@click.option('--compat', type=str, default=None, help='gits-main: reproduce the official GITS code (zju-pi/diff-sampler) instead of the correct mathematics where they differ (docs/official-differences.md)')
 # Guidance options.
 @click.option('--guidance_type', type=click.Choice(list(models.GUIDANCE_TYPES)), default=None, help='cg, cfg or uncond')
 @click.option('--guidance_rate', type=float, default=None, help='Guidance scale')

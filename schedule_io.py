@@ -110,7 +110,7 @@ def flow_sigmas(t_steps, shift, sigma_max):
 def from_flow_sigmas(sigmas, shift, sigma_max):
     """t_steps from a flow pipeline's `sigmas=` list (inverse of flow_sigmas; t = 1 is sigma_max)."""
     values = [float(sigma_max) if u >= 1 else shift * u / (1 - u) for u in _floats(sigmas)]
-    return torch.tensor(solver_utils.check_t_steps(values), dtype=torch.float64)
+    return torch.tensor(schedules.check_t_steps(values), dtype=torch.float64)
 
 
 def flow_exports(t_steps, model):

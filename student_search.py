@@ -520,7 +520,7 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     if refine or search == 'gits':        # the paper's paths, with afs their free step
         gits_found = gits.gits_paths(data, t_tea, wanted, metric, coeff, timing)
         if afs:
-            gits_found, afs_evals = gits.afs_paths(s, gits_found, schedule_type, solver_tea)
+            gits_found, afs_evals = gits.afs_paths(base, gits_found, schedule_type, solver_tea)
     student, student_evals = ({}, 0)
     if search == 'student' or refine:
         student, student_evals = student_dp(data, t_tea, max(wanted) - 1 + extra, solver, options, afs, coeff,

@@ -75,7 +75,7 @@ def test_compat_benchmark_small_run(tmp_path):
     cells += [v for row in res['short'] for v in row['rmse']]
     cells += [v for row in res['search'] for pair in row['rmse'] for v in pair if v is not None]
     assert cells and all(math.isfinite(v) and v >= 0 for v in cells)
-    # The README's difference 4: the official rhoAB reuses step 3's weights and blows up with length.
+    # Difference 4 of docs/official-differences.md: the official rhoAB reuses step 3's weights and blows up with length.
     rhoab = next(row['rmse'] for row in res['rows'] if row['options'].get('deis_mode') == 'rhoab')
     assert rhoab[-1][1] > 10 * rhoab[-1][0]
     table = [line for line in r.stdout.splitlines() if line.startswith('| ') and not line.startswith('| difference')]

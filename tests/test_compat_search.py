@@ -133,7 +133,7 @@ def test_teacher_runs_with_the_student_flags(digits, warm, t_tea, solver, solver
 def test_cost_matrix_and_dp_match_official_formulas(digits, warm, t_tea):
     """Our cost matrix equals the official formulas' in float64 to round-off (not bit for bit:
     the official measures chord distances from the end point, we from the start; the official
-    computes in float32, see the README), and our DP picks the official DP's path, ties included."""
+    computes in float32, see docs/official-differences.md), and our DP picks the official DP's path, ties included."""
     xs, ds, _, _ = gits.teacher_run(digits.denoise, warm, t_tea, 'ipndm', True, COMPAT, max_order=4)
     ts = [float(t) for t in t_tea]
     for metric in gits.METRICS:

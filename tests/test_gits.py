@@ -205,7 +205,7 @@ def test_afs_free_step_tries_exactly_the_candidates_between_the_first_two_points
     teacher's final point (error 0: here the target is made from that candidate's own run) is
     kept, whether it lies at either end of the candidates (1 and 4) or inside (2)."""
     lat = torch.randn(5, *digits.shape, generator=torch.Generator().manual_seed(10))
-    t_tea = solver_utils.get_schedule(13, 0.002, 80)
+    t_tea = schedules.get_schedule(13, 0.002, 80)
     path = [0, 5, 9, 12]
     options = solvers.resolve_options('ipndm', {})
     calls = []

@@ -239,6 +239,9 @@ def test_student_refined_search_is_batch_invariant(digits):
     # With afs the student search returns one more point at the same NFE, as GITS does.
     c = student_search.search_schedule(digits.denoise, lat, afs=True, **dict(kw, refine=False))
     assert len(c) == 5
+    # And with the refinement, which starts from the GITS paths with their free step.
+    d = student_search.search_schedule(digits.denoise, lat, afs=True, **kw)
+    assert len(d) == 5 and bool((d[1:] < d[:-1]).all())
 
 
 def test_sample_flags_end_to_end(tmp_path):
