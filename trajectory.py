@@ -525,7 +525,7 @@ def plot_bands(path, t_steps, panels, title, ncols=3):
     plt = _pyplot()
     t = np.asarray([float(v) for v in t_steps])
     nrows = -(-len(panels) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.3 * ncols, 3.3 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 2.9 * nrows), squeeze=False)
     for ax, (label, values, log_y) in zip(axes.flat, panels):
         v = np.asarray(values)
         ok = ~np.isnan(v).any(0)
@@ -716,7 +716,7 @@ def plot_samples(path, model, rows, title):
     """One row of final samples per denoiser (its name on the left)."""
     plt = _pyplot()
     n = rows[0][1].shape[0]
-    fig, axes = plt.subplots(len(rows), n, figsize=(0.9 * n + 0.9, 0.95 * len(rows) + 0.4), squeeze=False)
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.7 * n + 0.8, 0.75 * len(rows) + 0.4), squeeze=False)
     for r, (name, x) in enumerate(rows):
         images = (model.decode(x.to(model.device)).float().cpu().clamp(-1, 1) + 1) / 2
         for c in range(n):
