@@ -529,7 +529,7 @@ def plot_bands(path, t_steps, panels, title, ncols=3):
     for ax, (label, values, log_y) in zip(axes.flat, panels):
         v = np.asarray(values)
         ok = ~np.isnan(v).any(0)
-        q = np.quantile(v[:, ok], [0.05, 0.25, 0.5, 0.75, 0.95], axis=0)
+        q = np.quantile(v[:, ok], trajectory_stats.QUANTILES, axis=0)     # 5, 25, 50, 75, 95 %
         ax.fill_between(t[ok], q[0], q[4], color='tab:blue', alpha=0.15, lw=0, label='5-95 %')
         ax.fill_between(t[ok], q[1], q[3], color='tab:blue', alpha=0.35, lw=0, label='25-75 %')
         ax.plot(t[ok], q[2], color='tab:blue', lw=1.8, label=f'median of {v.shape[0]}')
