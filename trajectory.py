@@ -14,6 +14,17 @@ Outputs: profile.png, traj_3d.png and trajectory.json (every profile, per seed).
 `schedules` draws the polynomial, logsnr and time_uniform schedules next to the GITS schedule
 searched for the same model, solver and number of steps (schedules.png, schedules.json). For
 the analytic models (gmm, gmm_wavelet, digits) it can also measure each schedule's true error.
+
+`stats` (torchrun-aware) measures many seeds' trajectories and keeps per-seed scalars only: the
+norms of x_t, D(x_t; t) and the noise estimate (x_t - D) / t, both trajectories' distance from
+their chord, and the cosine between the noise estimate and x_t - x_0; summaries per noise level in
+stats.json, stats.png, the per-seed values in per_seed.npz.
+
+`dataset` writes an analytic model's data set as a zip (dataset_tool's layout, with labels), and
+`optimal --data=...` compares the model with the optimal (kernel) denoiser of a data set and with
+analytic scores fitted to it (Gaussian, low-rank Gaussian, per-class mixture): trajectories from
+the same noise, and the fitted denoisers evaluated on the model's own states (optimal.json,
+optimal.png, samples.png, per_seed.npz).
 """
 
 import json
@@ -30,7 +41,9 @@ import options as cli_options
 import run_schedule
 import solver_utils
 import solvers
+import trajectory_stats
 from dnnlib.util import UserError
+from models import empirical
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils.seeds import seed_batch
@@ -471,6 +484,312 @@ def schedules(**kwargs):
         err = f'  RMSE {errors[k]:.4f}' if errors else ''
         print(f'{k:>13s} NFE={nfe[k]}: --t_steps={solver_utils.format_t_steps(v)}{err}')
     print(f'Wrote schedules.png and schedules.json to {outdir}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Statistics over many seeds (`stats`). Per seed, Q scalars at each of the N points.
+
+STATISTICS = {    # name -> label; seed_statistics gives them in this order
+    'norm_x': r'$\|x_t\|$',
+    'norm_denoised': r'$\|D(x_t; t)\|$',
+    'norm_noise_estimate': r'$\|(x_t - D(x_t; t)) / t\|$',
+    'chord_distance_sampling': r'sampling trajectory: distance from its chord',
+    'chord_distance_denoising': r'denoising trajectory: distance from its chord',
+    'cosine_noise_estimate': r'cosine of $(x_t - D) / t$ and $x_t - x_0$',
+}
+
+
+def seed_statistics(xs, dens, t_steps):
+    """[B, Q, N] for trajectories xs, dens [N, B, D] (STATISTICS order). x_0 is the sampling
+    trajectory's last point, where the cosine is undefined (NaN)."""
+    t = torch.tensor([float(v) for v in t_steps], dtype=torch.float64)[:, None, None]
+    eps = (xs - dens) / t
+    to_end = xs - xs[-1]
+    cosine = (eps * to_end).sum(-1) / (eps.norm(dim=-1) * to_end.norm(dim=-1))
+    cosine[-1] = float('nan')
+    rows = [xs.norm(dim=-1), dens.norm(dim=-1), eps.norm(dim=-1), line_deviation(xs), line_deviation(dens), cosine]
+    return torch.stack(rows).permute(2, 0, 1)
+
+
+def write_per_seed(path, names, seeds, values):
+    """per_seed.npz: `values` [S, Q, N] as one array per name [S, N], and the seeds."""
+    import io
+    buf = io.BytesIO()
+    np.savez(buf, seeds=np.asarray(seeds, dtype=np.int64), **{n: values[:, q].numpy() for q, n in enumerate(names)})
+    misc.atomic_write_bytes(path, buf.getvalue())
+
+
+def plot_bands(path, t_steps, panels, title, ncols=3):
+    """One panel per (label, [S, N] values, log y): the median over seeds and the 25-75 % and
+    5-95 % bands against sigma."""
+    plt = _pyplot()
+    t = np.asarray([float(v) for v in t_steps])
+    nrows = -(-len(panels) // ncols)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(3.7 * ncols, 2.9 * nrows), squeeze=False)
+    for ax, (label, values, log_y) in zip(axes.flat, panels):
+        v = np.asarray(values)
+        ok = ~np.isnan(v).any(0)
+        q = np.quantile(v[:, ok], trajectory_stats.QUANTILES, axis=0)     # 5, 25, 50, 75, 95 %
+        ax.fill_between(t[ok], q[0], q[4], color='tab:blue', alpha=0.15, lw=0, label='5-95 %')
+        ax.fill_between(t[ok], q[1], q[3], color='tab:blue', alpha=0.35, lw=0, label='25-75 %')
+        ax.plot(t[ok], q[2], color='tab:blue', lw=1.8, label=f'median of {v.shape[0]}')
+        ax.set_xscale('log')
+        if log_y:
+            ax.set_yscale('log')
+        ax.invert_xaxis()
+        ax.set_xlabel(r'$\sigma$ (sampling goes left to right)', fontsize=8)
+        ax.set_title(label, fontsize=9)
+        ax.tick_params(labelsize=7)
+        ax.grid(alpha=0.3)
+    for ax in list(axes.flat)[len(panels):]:
+        ax.axis('off')
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def parse_seeds(text, flag='--seeds'):
+    try:
+        return misc.parse_int_list(text)
+    except ValueError as e:
+        raise UserError(f'{flag}: {e}') from None
+
+
+def trajectory_options(fn):
+    """The flags that say how trajectories are traced: seeds, batch, solver and schedule."""
+    for option in reversed([
+        click.option('--seeds', type=str, default='0-63', help='Seeds of the trajectories, e.g. 0-49999'),
+        click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch (all processes)'),
+        click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectories'),
+        click.option('--num_steps', type=click.IntRange(min=3), default=61, help='Points on each trajectory'),
+        click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule'),
+        click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent'),
+        click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,...,0.002]'),
+    ]):
+        fn = option(fn)
+    return fn
+
+
+def prepare_run(kwargs, name):
+    """The options, the model, its device, the seeds, the solver's options and the schedule of a
+    torchrun-aware command, and its output folder (checked and created on rank 0), or a UserError
+    on every process."""
+    opts = cli_options.frozen(name, kwargs)
+    dnnlib.util.refuse_inapplicable(opts, dnnlib.util.explicit_flags(click.get_current_context()),
+                                    cli_options.SCHEDULE_RULES)
+    seeds = parse_seeds(opts.seeds)
+    options = solver_options(opts, opts.solver)
+    dist.init(opts.device)
+    model, device = load_model(opts)
+    t_steps = trajectory_schedule(opts, model, options)
+    return opts, model, device, seeds, options, t_steps
+
+
+def traced(opts, options, t_steps):
+    """record_trajectories(denoise, noise) with the command's solver and schedule, flattened to
+    [N, B, D]."""
+    def fn(denoise, noise):
+        xs, dens = record_trajectories(denoise, noise, t_steps, opts.solver, compat=opts.compat, **options)
+        return xs.flatten(2), dens.flatten(2)
+    return fn
+
+
+@main.command()
+@model_options
+@trajectory_options
+def stats(**kwargs):
+    """Statistics of many seeds' trajectories per noise level (torchrun-aware, streamed)."""
+    opts, model, device, seeds, options, t_steps = prepare_run(kwargs, 'Stats')
+    outdir = dist.on_rank0(lambda: outdir_for(opts, 'stats', 'stats.json'))
+    run_schedule.warn_outside_model_range(t_steps, model)
+    trace = traced(opts, options, t_steps)
+    per_seed = solvers.count_nfe(opts.solver, len(t_steps), compat=opts.compat, **options) + 1   # + D at the end
+    values = trajectory_stats.measure_seeds(model, seeds, opts.batch, device,
+                                            lambda denoise, noise: seed_statistics(*trace(denoise, noise), t_steps),
+                                            per_seed)
+    if dist.get_rank() == 0:
+        names = list(STATISTICS)
+        result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, compat=opts.compat,
+                      num_seeds=len(seeds), t_steps=[float(t) for t in t_steps],
+                      t_steps_text=solver_utils.format_t_steps(t_steps), quantiles=list(trajectory_stats.QUANTILES),
+                      statistics={n: trajectory_stats.summarize(values[:, q]) for q, n in enumerate(names)},
+                      options=command_line(opts))
+        title = f'{opts.dataset_name}: {len(seeds)} trajectories, {opts.solver}, {len(t_steps)} points'
+        plot_bands(os.path.join(outdir, 'stats.png'), t_steps,
+                   [(STATISTICS[n], values[:, q].numpy(), q < 3) for q, n in enumerate(names)], title)
+        write_per_seed(os.path.join(outdir, 'per_seed.npz'), names, seeds, values)
+        misc.atomic_write_json(os.path.join(outdir, 'stats.json'), result)
+        cos = np.asarray(values[:, -1, :-1])
+        print(f'{len(seeds)} trajectories of {len(t_steps)} points: median cosine of the noise estimate and x_t - x_0 '
+              f'{np.median(cos):.4f} (5 % quantile {np.quantile(cos, 0.05):.4f})')
+        print(f'Wrote stats.png, stats.json and per_seed.npz to {outdir}')
+    dist.barrier()
+    dist.shutdown()
+
+
+# ----------------------------------------------------------------------------------------------
+# Data sets, the optimal denoiser and analytic scores (`dataset`, `optimal`).
+
+@main.command()
+@click.option('--dataset_name', type=str, required=True, help='Analytic model: ' + ', '.join(empirical.DATASETS))
+@click.option('--dest', type=str, required=True, help='Output zip (dataset_tool\'s layout, labels in dataset.json)')
+@click.option('--num', type=click.IntRange(min=2), default=2000, help='Images drawn (the mixtures; digits writes its own set)')
+@click.option('--seed', type=click.IntRange(min=0), default=0, help='Seed of the draw')
+def dataset(dataset_name, dest, num, seed):
+    """Write an analytic model's data set as a zip of PNGs, for `optimal --data`."""
+    if dataset_name not in empirical.DATASETS:
+        raise UserError(f'--dataset_name: "{dataset_name}" has no built-in data set; choose one of '
+                        f'{", ".join(empirical.DATASETS)}')
+    draw, takes_num = empirical.DATASETS[dataset_name]
+    if not takes_num and 'num' in dnnlib.util.explicit_flags(click.get_current_context()):
+        raise UserError(f'--num: "{dataset_name}" writes its whole data set; drop the flag')
+    dnnlib.util.check_writable_file(dest, '--dest')
+    images, labels = draw(models.load(dataset_name), num, seed)
+    os.makedirs(os.path.dirname(os.path.abspath(dest)), exist_ok=True)
+    misc.atomic_write_bytes(dest, empirical.dataset_zip(images, labels))
+    print(f'Wrote {images.shape[0]} images with labels to {dest}')
+
+
+def load_data(opts, model):
+    """The --data set in the model's shape, and its labels (or None)."""
+    if model.latent_space:
+        raise UserError(f'--data: "{opts.dataset_name}" samples in latent space; a data set of images does not '
+                        'give its denoiser')
+    data, labels = empirical.read_dataset(opts.data, model.shape)
+    if data.shape[0] < 2:
+        raise UserError(f'--data: "{opts.data}" holds {data.shape[0]} image; fits need at least 2')
+    return data, labels
+
+
+def analytic_kinds(opts, data, labels):
+    """The --analytic list, checked against the data set."""
+    kinds = [k for k in opts.analytic.split(',') if k] if opts.analytic != 'none' else []
+    bad = [k for k in kinds if k not in empirical.ANALYTIC_FITS]
+    if bad or len(set(kinds)) != len(kinds):
+        raise UserError(f'--analytic: "{opts.analytic}" is not a list of distinct names among '
+                        f'{", ".join(empirical.ANALYTIC_FITS)} (or none)')
+    if 'mixture' in kinds and labels is None:
+        raise UserError(f'--analytic: mixture needs class labels and "{opts.data}" has none (no labels in a '
+                        'dataset.json); leave mixture out')
+    dim = data[0].numel()
+    if 'lowrank' in kinds and not 1 <= opts.rank < dim:
+        raise UserError(f'--rank: must be in 1..{dim - 1} for data of dimension {dim} (got {opts.rank})')
+    return kinds
+
+
+def point_rmse(a, b):
+    """RMSE [N, B] of trajectories a, b [N, B, D] at every point."""
+    return (a - b).square().mean(-1).sqrt()
+
+
+def plot_gaps(path, t_steps, values, names, title):
+    """Left: each fitted denoiser's trajectory against the model's from the same noise; right:
+    the fitted denoisers against the model's denoiser on the model's own states. Mean over seeds
+    (line) and the 25-75 % band, against sigma."""
+    plt = _pyplot()
+    t = np.asarray([float(v) for v in t_steps])
+    fig, axes = plt.subplots(1, 2, figsize=(10.5, 3.8))
+    k = len(names)
+    for ax, offset, ylabel in [(axes[0], 0, 'RMSE of $x_t$ vs. the model\'s trajectory'),
+                               (axes[1], k, r'RMSE of $D(x_t)$ vs. $D_{model}(x_t)$ on the model\'s $x_t$')]:
+        for i, name in enumerate(names):
+            v = values[:, offset + i].numpy()
+            ok = (v > 0).all(0)               # log axis: not the common start, where trajectories agree
+            ax.plot(t[ok], v[:, ok].mean(0), color=f'C{i}', lw=1.8, label=name)
+            ax.fill_between(t[ok], np.quantile(v[:, ok], 0.25, 0), np.quantile(v[:, ok], 0.75, 0), color=f'C{i}',
+                            alpha=0.2, lw=0)
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.invert_xaxis()
+        ax.set_xlabel(r'$\sigma$ (sampling goes left to right)')
+        ax.set_ylabel(ylabel, fontsize=8)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_samples(path, model, rows, title):
+    """One row of final samples per denoiser (its name on the left)."""
+    plt = _pyplot()
+    n = rows[0][1].shape[0]
+    fig, axes = plt.subplots(len(rows), n, figsize=(0.7 * n + 0.8, 0.75 * len(rows) + 0.4), squeeze=False)
+    for r, (name, x) in enumerate(rows):
+        images = (model.decode(x.to(model.device)).float().cpu().clamp(-1, 1) + 1) / 2
+        for c in range(n):
+            ax = axes[r, c]
+            img = images[c].permute(1, 2, 0).numpy()
+            ax.imshow(img[..., 0] if img.shape[-1] == 1 else img, cmap='gray', vmin=0, vmax=1, interpolation='nearest')
+            ax.set_xticks([])
+            ax.set_yticks([])
+        axes[r, 0].set_ylabel(name, fontsize=8, rotation=0, ha='right', va='center')
+    fig.suptitle(title, fontsize=9)
+    _save(fig, path)
+    plt.close(fig)
+
+
+@main.command()
+@model_options
+@trajectory_options
+@click.option('--data', type=str, required=True, help='Data set: a zip or folder of PNG/JPEG images (as fid.py ref reads it)')
+@click.option('--analytic', type=str, default='gaussian,lowrank,mixture',
+              help='Analytic scores fitted to --data: ' + ', '.join(empirical.ANALYTIC_FITS) + ' (comma list), or none')
+@click.option('--rank', type=click.IntRange(min=1), default=16, help='Eigenvectors of the low-rank Gaussian')
+@click.option('--num_plots', type=click.IntRange(min=1), default=8, help='Seeds in the samples figure')
+def optimal(**kwargs):
+    """The model against the optimal denoiser of a data set and analytic scores fitted to it."""
+    opts, model, device, seeds, options, t_steps = prepare_run(kwargs, 'Optimal')
+    if 'rank' in dnnlib.util.explicit_flags(click.get_current_context()) and 'lowrank' not in opts.analytic.split(','):
+        raise UserError('--rank: needs lowrank in --analytic')
+    data, labels = load_data(opts, model)
+    kinds = analytic_kinds(opts, data, labels)
+    outdir = dist.on_rank0(lambda: outdir_for(opts, 'optimal', 'optimal.json'))
+    run_schedule.warn_outside_model_range(t_steps, model)
+    fits = dict(optimal=empirical.KernelDenoiser(data, device=device))
+    fits.update({k: empirical.fit_analytic(k, data, labels, opts.rank, device) for k in kinds})
+    names = list(fits)
+    trace = traced(opts, options, t_steps)
+
+    def measure(denoise, noise):
+        xs, dens = trace(denoise, noise)
+        paths = [point_rmse(trace(fit.denoise, noise)[0], xs) for fit in fits.values()]
+        on_model = [point_rmse(torch.stack([fit.denoise(x, float(t)) for x, t in zip(xs, t_steps)]), dens)
+                    for fit in fits.values()]
+        return torch.stack(paths + on_model).permute(2, 0, 1)              # [B, 2K, N]
+
+    per_seed = solvers.count_nfe(opts.solver, len(t_steps), compat=opts.compat, **options) + 1
+    values = trajectory_stats.measure_seeds(model, seeds, opts.batch, device, measure, per_seed)
+    if dist.get_rank() == 0:
+        columns = [f'trajectory_rmse_{n}' for n in names] + [f'denoiser_gap_{n}' for n in names]
+        k = len(names)
+        result = dict(dataset_name=opts.dataset_name, data_size=data.shape[0],
+                      num_classes=None if labels is None else len(set(labels.tolist())),
+                      solver=opts.solver, solver_options=options, compat=opts.compat, num_seeds=len(seeds),
+                      t_steps=[float(t) for t in t_steps], t_steps_text=solver_utils.format_t_steps(t_steps),
+                      quantiles=list(trajectory_stats.QUANTILES),
+                      trajectory_rmse={n: trajectory_stats.summarize(values[:, i]) for i, n in enumerate(names)},
+                      final_rmse={n: trajectory_stats.summarize(values[:, i, -1:]) for i, n in enumerate(names)},
+                      denoiser_gap={n: trajectory_stats.summarize(values[:, k + i]) for i, n in enumerate(names)},
+                      options=command_line(opts))
+        title = f'{opts.dataset_name} vs. denoisers fitted to {data.shape[0]} images: {len(seeds)} seeds, {opts.solver}'
+        plot_gaps(os.path.join(outdir, 'optimal.png'), t_steps, values, names, title)
+        shown = seeds[:opts.num_plots]
+        noise, denoise = seed_batch(model, shown, device)
+        finals = [('model', record_trajectories(denoise, noise, t_steps, opts.solver, compat=opts.compat, **options)[0][-1])]
+        finals += [(n, record_trajectories(fit.denoise, noise, t_steps, opts.solver, compat=opts.compat,
+                                           **options)[0][-1]) for n, fit in fits.items()]
+        plot_samples(os.path.join(outdir, 'samples.png'), model, finals, f'{opts.dataset_name}: seeds {shown[0]}.. from the same noise')
+        write_per_seed(os.path.join(outdir, 'per_seed.npz'), columns, seeds, values)
+        misc.atomic_write_json(os.path.join(outdir, 'optimal.json'), result)
+        for n in names:
+            print(f'{n:>9s}: final-point RMSE vs. the model {result["final_rmse"][n]["mean"][0]:.4g} (mean), '
+                  f'denoiser gap on the model\'s states up to {max(result["denoiser_gap"][n]["mean"]):.4g}')
+        print(f'Wrote optimal.png, samples.png, optimal.json and per_seed.npz to {outdir}')
+    dist.barrier()
+    dist.shutdown()
 
 
 if __name__ == '__main__':

@@ -35,6 +35,7 @@ SCRIPTS = {        # stem prefix of a results JSON -> the benchmark script that 
     'presets': 'presets.py',
     'search_cost': 'search_cost.py',
     'throughput': 'throughput.py',
+    'trajectory_figures': 'trajectory_figures.py',
 }
 
 BLOCK = re.compile(r'(<!-- table:(\S+?)#(\S+?) -->\n)(.*?)(<!-- /table -->)', re.DOTALL)

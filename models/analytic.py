@@ -75,11 +75,13 @@ class GaussianMixture(AnalyticModel):
         comp = self.means[None] + shrink[None, :, None] * diff            # E[x0 | x, k]
         return (w[:, :, None] * comp).sum(1)
 
-    def sample_data(self, num, generator=None):
-        """Exact samples from the mixture (for tests of the distribution)."""
+    def sample_data(self, num, generator=None, return_labels=False):
+        """Exact samples from the mixture (for tests of the distribution); with `return_labels`,
+        also each sample's component [num]."""
         k = torch.randint(len(self.stds), [num], generator=generator)
         eps = torch.randn([num, self.means.shape[1]], generator=generator, dtype=torch.float64)
-        return (self.means[k] + self.stds[k, None] * eps).reshape(num, *self.shape)
+        out = (self.means[k] + self.stds[k, None] * eps).reshape(num, *self.shape)
+        return (out, k) if return_labels else out
 
 
 def _sum_diff(x, dim):
@@ -170,11 +172,13 @@ class WaveletMixture(AnalyticModel):
         comp = torch.addcmul(self.means, self.variances * inv_var, diff)    # E[y0 | y, k]
         return self.from_wavelet((w[:, :, None] * comp).sum(1))
 
-    def sample_data(self, num, generator=None):
-        """Exact samples from the mixture (for tests of the distribution)."""
+    def sample_data(self, num, generator=None, return_labels=False):
+        """Exact samples from the mixture (for tests of the distribution); with `return_labels`,
+        also each sample's component [num]."""
         k = torch.randint(len(self.variances), [num], generator=generator)
         eps = torch.randn([num, self.means.shape[1]], generator=generator, dtype=torch.float64)
-        return self.from_wavelet(self.means[k] + self.variances[k].sqrt() * eps).reshape(num, *self.shape)
+        out = self.from_wavelet(self.means[k] + self.variances[k].sqrt() * eps).reshape(num, *self.shape)
+        return (out, k) if return_labels else out
 
 
 class Digits(AnalyticModel):

@@ -76,6 +76,9 @@ SLOW = {
                                'test_kept_refinement_is_the_same_on_two_processes',
                                'test_normal_equations_do_not_depend_on_rounds_or_threads',
                                'test_check_set_is_the_seeds_after_the_warmup_ones', 'test_bad_refine_flags'),
+    'test_optimal_denoiser.py': ('test_optimal_command_on_digits',),
+    'test_trajectory_stats.py': ('test_stats_do_not_depend_on_the_batch_and_equal_fresh_trajectories',
+                                 'test_two_processes_give_one_process_result'),
     'test_trajectory.py': ('test_analyze_digits_profile_and_figures', 'test_schedules_command_matches_gits_search',
                            'test_bad_flags_are_one_line_errors', 'test_throughput_benchmark_smoke'),
 }
