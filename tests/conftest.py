@@ -76,6 +76,9 @@ SLOW = {
                                'test_kept_refinement_is_the_same_on_two_processes',
                                'test_normal_equations_do_not_depend_on_rounds_or_threads',
                                'test_check_set_is_the_seeds_after_the_warmup_ones', 'test_bad_refine_flags'),
+    'test_geometry.py': ('test_geometry_command',),
+    'test_rotation_schedule.py': ('test_rotation_search_is_deterministic_and_batch_invariant',
+                                  'test_torchrun_two_processes_same_rotation_schedule'),
     'test_trajectory.py': ('test_analyze_digits_profile_and_figures', 'test_schedules_command_matches_gits_search',
                            'test_bad_flags_are_one_line_errors', 'test_throughput_benchmark_smoke'),
 }
