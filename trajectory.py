@@ -86,10 +86,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path):
+def _save(fig, path, dpi=110):
     import io
     buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
+    fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
     misc.atomic_write_bytes(path, buf.getvalue())
 
 
@@ -437,7 +437,7 @@ def plot_procrustes(path, aligned, aligned_den, reference, title):
     """Sampling trajectories aligned to the reference by Procrustes in 2-D and 3-D, and the
     denoising ones in 2-D."""
     plt = _pyplot()
-    fig = plt.figure(figsize=(13, 4))
+    fig = plt.figure(figsize=(12, 3.8))
     panels = [(aligned[2], 'sampling, 2-D', 'tab:blue'), (aligned[3], 'sampling, 3-D', 'tab:blue'),
               (aligned_den[2], 'denoising, 2-D', 'tab:orange')]
     for i, (coords, name, color) in enumerate(panels):
@@ -454,7 +454,8 @@ def plot_procrustes(path, aligned, aligned_den, reference, title):
         ax.tick_params(labelsize=6)
         ax.set_title(f'{name} (black: the reference)', fontsize=9)
     fig.suptitle(title, fontsize=10)
-    _save(fig, path)
+    fig.subplots_adjust(wspace=0.3)
+    _save(fig, path, dpi=80)        # many thin lines: a small PNG needs fewer pixels
     plt.close(fig)
 
 
