@@ -78,7 +78,8 @@ SLOW = {
                                'test_check_set_is_the_seeds_after_the_warmup_ones', 'test_bad_refine_flags'),
     'test_geometry.py': ('test_geometry_command',),
     'test_rotation_schedule.py': ('test_rotation_search_is_deterministic_and_batch_invariant',
-                                  'test_torchrun_two_processes_same_rotation_schedule'),
+                                  'test_torchrun_two_processes_same_rotation_schedule',
+                                  'test_rotation_search_on_a_diffusers_pipeline'),
     'test_trajectory.py': ('test_analyze_digits_profile_and_figures', 'test_schedules_command_matches_gits_search',
                            'test_bad_flags_are_one_line_errors', 'test_throughput_benchmark_smoke'),
 }

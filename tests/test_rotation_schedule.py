@@ -100,3 +100,21 @@ def test_rotation_refusals(tmp_path, args, flag):
                  '--num_warmup=4', *args, f'--outdir={tmp_path / "o"}', '--device=cpu')
     assert_one_line_error(r, flag)
     assert not (tmp_path / 'o').exists()
+
+
+def test_rotation_search_on_a_diffusers_pipeline(tmp_path):
+    """--dp --search=rotation on a tiny Flux pipeline: the search runs on the pipeline's denoiser and
+    run.json records the schedule and its exports in flow time."""
+    import diffusers_tiny
+    folder = diffusers_tiny.build('flux', tmp_path / 'flux')
+    out = tmp_path / 'out'
+    r = run_here(sample.main, '--dataset_name=diffusers', f'--model_path={folder}', '--prompt=a red cube',
+                 f'--resolution={diffusers_tiny.RESOLUTION}', '--seeds=0-1', '--batch=2', '--solver=dpmpp',
+                 '--num_steps=5', '--dp=True', '--search=rotation', '--num_warmup=4', '--num_steps_tea=13',
+                 f'--outdir={out}')
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / 'run.json').read_text())
+    assert record['search']['search'] == 'rotation' and len(record['t_steps']) == 5
+    assert record['search']['evals'] == {'teacher': 4 * 12}
+    assert record['exports']['diffusers']['sigmas'][0] == 1.0          # flow time, t = 1 first
+    assert sorted(p.name for p in out.glob('*.png')) == ['000000.png', '000001.png']
