@@ -24,10 +24,12 @@ point at the same NFE, as every search here does.
 """
 
 import math
+import time
 
 import torch
 
 import geometry
+import gits
 from torch_utils import distributed as dist
 
 WINDOW = 7      # points of the local cubic fit along each teacher trajectory
@@ -76,3 +78,26 @@ def rotation_schedules(data, t_tea, wanted, afs=False, window=WINDOW):
     cumulative = mean_rotation(data, window)
     extra = int(bool(afs))
     return {n: equal_rotation_points(cumulative, t_tea, n + extra) for n in wanted}, cumulative
+
+
+def search_rounds(rounds, paper, refine, compat, **options):
+    """student_search.search_rounds with search='rotation' (`paper`: its keywords for
+    gits.start_search): the teacher runs of the paper's search, then the schedules of equal total
+    rotation along them. Its points lie off the teacher grid, where the refinement's
+    starts (and the official code, compat) do not go: both are refused."""
+    if compat is not None:
+        raise ValueError(f'--search: the rotation schedule is not in the paper\'s code; drop --search or --compat={compat}')
+    if refine:
+        raise ValueError('--refine: the refinement starts from schedules on the teacher grid (GITS, solver-aware, '
+                         'fixed); drop --refine or use --search=gits or student')
+    timing = dict(teacher=0.0, rotation=0.0)
+    base = gits.start_search(rounds, **paper, compat=None, metric=None, timing=timing, **options)
+    t0 = time.perf_counter()
+    found, cumulative = rotation_schedules(base.data, base.t_tea, base.wanted, paper['afs'])
+    timing['rotation'] = time.perf_counter() - t0
+    info = dict(teacher_grid=[float(t) for t in base.t_tea], num_warmup=base.num_warmup,
+                teacher_evals_this_rank=base.teacher_calls, evals=dict(teacher=base.teacher_evals),
+                search='rotation', refine=False, rotation_window=WINDOW,
+                mean_rotation=[float(r) for r in cumulative], solver_tea=paper['solver_tea'],
+                num_steps_tea=paper['num_steps_tea'], teacher_options=base.teacher_options, compat=None, seconds=timing)
+    return found, info

@@ -503,7 +503,7 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
         return gits.search_rounds(rounds, **paper, metric=metric, coeff=coeff, compat=compat,
                                   denoise_to_zero=denoise_to_zero, **options)
     if search == 'rotation':
-        return rotation_search(rounds, paper, refine, compat, **options)
+        return rotation.search_rounds(rounds, paper, refine, compat, **options)
     if compat is not None:
         flag = '--refine' if refine else '--search'
         raise ValueError(f'{flag}: the solver-aware search and refinement are not in the paper\'s code; '
@@ -555,28 +555,6 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
                 solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=base.teacher_options, compat=None,
                 seconds=timing)
     return schedules, info
-
-
-def rotation_search(rounds, paper, refine, compat, **options):
-    """search='rotation': the teacher runs of the paper's search, then the schedules of equal total
-    rotation along them (rotation.py). Its points lie off the teacher grid, where the refinement's
-    starts (and the official code, compat) do not go: both are refused."""
-    if compat is not None:
-        raise ValueError(f'--search: the rotation schedule is not in the paper\'s code; drop --search or --compat={compat}')
-    if refine:
-        raise ValueError('--refine: the refinement starts from schedules on the teacher grid (GITS, solver-aware, '
-                         'fixed); drop --refine or use --search=gits or student')
-    timing = dict(teacher=0.0, rotation=0.0)
-    base = gits.start_search(rounds, **paper, compat=None, metric=None, timing=timing, **options)
-    t0 = time.perf_counter()
-    found, cumulative = rotation.rotation_schedules(base.data, base.t_tea, base.wanted, paper['afs'])
-    timing['rotation'] = time.perf_counter() - t0
-    info = dict(teacher_grid=[float(t) for t in base.t_tea], num_warmup=base.num_warmup,
-                teacher_evals_this_rank=base.teacher_calls, evals=dict(teacher=base.teacher_evals),
-                search='rotation', refine=False, rotation_window=rotation.WINDOW,
-                mean_rotation=[float(r) for r in cumulative], solver_tea=paper['solver_tea'],
-                num_steps_tea=paper['num_steps_tea'], teacher_options=base.teacher_options, compat=None, seconds=timing)
-    return found, info
 
 
 def search_schedule(denoise, latents, *, num_steps, batch_size=None, **kw):
