@@ -504,10 +504,10 @@ def geometry_command(**kwargs):
     plot_rotation(os.path.join(outdir, 'rotation.png'), t_steps, stats, title)
     plot_procrustes(os.path.join(outdir, 'procrustes.png'), aligned, aligned_den, 0, title)
     misc.atomic_write_json(os.path.join(outdir, 'geometry.json'), result)
-    half = [float(t_steps[int(np.searchsorted(np.asarray(q, dtype=float), 0.5))])
-            for q in (s_stats['rotation_fraction']['median'],)]
+    reached = np.asarray([np.nan if v is None else v for v in s_stats['rotation_fraction']['median']])
+    half = float(t_steps[int(np.argmax(reached >= 0.5))])     # the first point with half the rotation
     print(f'{len(seeds)} trajectories of {len(t_steps)} points: total rotation of the sampling trajectory '
-          f'{np.median(s_stats["total_rotation"]):.3f} rad (median), half of it reached at sigma {half[0]:.3g}; '
+          f'{np.median(s_stats["total_rotation"]):.3f} rad (median), half of it reached at sigma {half:.3g}; '
           f'deviation carried by 1 / 2 directions {s_align["2d"]["median_deviation_share"]:.3f} / '
           f'{s_align["3d"]["median_deviation_share"]:.3f}; Procrustes residual (3-D) '
           f'{s_align["3d"]["median_residual_ratio"]:.3f} of the unaligned distance')
