@@ -289,25 +289,40 @@ def record_seeds(opts, model, device, seeds, t_steps, options):
     return torch.cat(xs, 1), torch.cat(dens, 1)
 
 
-@main.command()
-@model_options
-@click.option('--seeds', type=str, default='0-15', help='Trajectories to record, e.g. 0-15')
-@click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch')
-@click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectory')
-@click.option('--num_steps', type=click.IntRange(min=3), default=61, help='Points on each trajectory')
-@click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
-@click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
-@click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,...,0.002]')
-@click.option('--num_plots', type=click.IntRange(min=1), default=4, help='Trajectories drawn in the 3-D figure')
-def analyze(**kwargs):
-    """Record trajectories and measure their deviation from a straight line."""
-    opts = cli_options.frozen('Analyze', kwargs)
+def recording_options(min_points, seeds_help='Trajectories to record, e.g. 0-15'):
+    """The flags of a command that records trajectories (analyze, geometry)."""
+    def decorate(fn):
+        for option in reversed([
+            click.option('--seeds', type=str, default='0-15', help=seeds_help),
+            click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch'),
+            click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectory'),
+            click.option('--num_steps', type=click.IntRange(min=min_points), default=61, help='Points on each trajectory'),
+            click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule'),
+            click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent'),
+            click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,...,0.002]'),
+        ]):
+            fn = option(fn)
+        return model_options(fn)
+    return decorate
+
+
+def recording_flags(name, kwargs):
+    """The frozen flags of a recording command, the inapplicable ones refused, and its seeds."""
+    opts = cli_options.frozen(name, kwargs)
     dnnlib.util.refuse_inapplicable(opts, dnnlib.util.explicit_flags(click.get_current_context()),
                                     cli_options.SCHEDULE_RULES)
     try:
-        seeds = misc.parse_int_list(opts.seeds)
+        return opts, misc.parse_int_list(opts.seeds)
     except ValueError as e:
         raise UserError(f'--seeds: {e}') from None
+
+
+@main.command()
+@recording_options(min_points=3)
+@click.option('--num_plots', type=click.IntRange(min=1), default=4, help='Trajectories drawn in the 3-D figure')
+def analyze(**kwargs):
+    """Record trajectories and measure their deviation from a straight line."""
+    opts, seeds = recording_flags('Analyze', kwargs)
     options = solver_options(opts, opts.solver)
     model, device = load_model(opts)
     t_steps = trajectory_schedule(opts, model, options)
@@ -460,24 +475,11 @@ def plot_procrustes(path, aligned, aligned_den, reference, title):
 
 
 @main.command(name='geometry')
-@model_options
-@click.option('--seeds', type=str, default='0-15', help='Trajectories to record, e.g. 0-15 (the first is the Procrustes reference)')
-@click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch')
-@click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectory')
-@click.option('--num_steps', type=click.IntRange(min=5), default=61, help='Points on each trajectory')
-@click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
-@click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
-@click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,...,0.002]')
+@recording_options(min_points=5, seeds_help='Trajectories to record, e.g. 0-15 (the first is the Procrustes reference)')
 @click.option('--window', type=click.IntRange(min=4), default=7, help='Points of the local cubic fit in arc length')
 def geometry_command(**kwargs):
     """Curvature and torsion of the projected trajectories, and their Procrustes alignment."""
-    opts = cli_options.frozen('Geometry', kwargs)
-    dnnlib.util.refuse_inapplicable(opts, dnnlib.util.explicit_flags(click.get_current_context()),
-                                    cli_options.SCHEDULE_RULES)
-    try:
-        seeds = misc.parse_int_list(opts.seeds)
-    except ValueError as e:
-        raise UserError(f'--seeds: {e}') from None
+    opts, seeds = recording_flags('Geometry', kwargs)
     if len(seeds) < 2:
         raise UserError('--seeds: quartiles and an alignment need at least 2 trajectories')
     options = solver_options(opts, opts.solver)
