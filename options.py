@@ -138,7 +138,12 @@ RULES = SCHEDULE_RULES + (
      'the official gits-main ignores it (it always takes the model\'s own range), so --compat=gits-main does not '
      'take it'),
     (('search',), lambda o: o.compat is None or o.search in (None, 'gits'),
-     'the solver-aware search is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
+     'the solver-aware and rotation searches are not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
+    (('refine',), lambda o: not o.refine or o.search != 'rotation',
+     'does not apply to --search=rotation (the refinement starts from schedules on the teacher grid: GITS, '
+     'solver-aware, fixed); use --search=gits or student'),
+    (('metric', 'coeff'), lambda o: o.search != 'rotation',
+     'does not apply to --search=rotation (it has no cost matrix and no DP)'),
     (('refine',), lambda o: o.compat is None or not o.refine,
      'refinement is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
 )

@@ -81,7 +81,7 @@ def expected_points(opts):
 def schedule_tag(opts):
     """Where the schedule comes from, in a few characters: run.json's schedule_source and the
     suffix of the default folder name. A fixed type (with its rho unless it is the default 7;
-    logsnr has none), 'gits' (+ '-student', '-refined', and the base type if not polynomial
+    logsnr has none), 'gits' (+ '-student' or '-rotation', '-refined', and the base type if not polynomial
     rho 7), 'tsteps-' + a hash of a pasted list, 'file-' + the schedule file's name."""
     if opts.t_steps is not None:
         text = schedules.format_t_steps(opts.t_steps_list)
@@ -93,7 +93,7 @@ def schedule_tag(opts):
         base += f'-rho{opts.schedule_rho:g}'
     if not opts.dp:
         return base
-    tag = 'gits' + ('-student' if opts.search == 'student' else '') + ('-refined' if opts.refine else '')
+    tag = 'gits' + (f'-{opts.search}' if opts.search in ('student', 'rotation') else '') + ('-refined' if opts.refine else '')
     return tag if base == 'polynomial' else f'{tag}-{base}'
 
 
@@ -135,7 +135,7 @@ def check_rounds(model, opts, device):
 
 
 STAGE_NAMES = dict(teacher='teacher', cost='cost matrix', dp='DP', afs='afs free step', student='solver-aware DP',
-                   check='check-set teacher', refine='refinement',
+                   check='check-set teacher', refine='refinement', rotation='equal-rotation cut points',
                    cost_helper='cost matrix on a helper thread (beside the teacher, but the last round)')
 
 

@@ -281,7 +281,7 @@ def list_presets(ctx, _param, value):
 @click.option('--save_schedules', type=str, default=None, help='GITS: search once, save schedules for several NFEs to this JSON file, and exit')
 @click.option('--save_num_steps', type=str, default=None, help='GITS: num_steps values for --save_schedules, e.g. 4-11 [default: --num_steps]')
 @click.option('--schedule_file', type=str, default=None, help='Sample with the schedule for --num_steps from a file written by --save_schedules')
-@click.option('--search', type=click.Choice(['gits', 'student']), default=None, help='GITS cost: gits (one Euler step, the paper) or student (the student solver\'s own step) [default: gits]')
+@click.option('--search', type=click.Choice(['gits', 'student', 'rotation']), default=None, help='GITS cost: gits (one Euler step, the paper) or student (the student solver\'s own step); rotation: equal total rotation along the teacher trajectories (no DP) [default: gits]')
 @click.option('--refine', type=BOOL, default=False, help='GITS: refine the searched schedule on the warm-up set (student\'s final-point error)')
 @click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 6]')
 def main(**kwargs):

@@ -24,6 +24,7 @@ import time
 import torch
 
 import gits
+import rotation
 import schedules
 import solver_utils
 import solvers
@@ -453,7 +454,7 @@ def refine_found(data, check, t_tea, found, points, solver, options, afs=False, 
 # ----------------------------------------------------------------------------------------------
 # 3. The whole search over warm-up rounds.
 
-SEARCH_MODES = ('gits', 'student')
+SEARCH_MODES = ('gits', 'student', 'rotation')     # rotation: rotation.py
 
 
 def schedule_budget(refine_budget, teacher_evals, check_evals, count):
@@ -501,6 +502,8 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     if search == 'gits' and not refine:
         return gits.search_rounds(rounds, **paper, metric=metric, coeff=coeff, compat=compat,
                                   denoise_to_zero=denoise_to_zero, **options)
+    if search == 'rotation':
+        return rotation.search_rounds(rounds, paper, refine, compat, **options)
     if compat is not None:
         flag = '--refine' if refine else '--search'
         raise ValueError(f'{flag}: the solver-aware search and refinement are not in the paper\'s code; '

@@ -1,6 +1,7 @@
 """Trajectory regularity of ODE-based diffusion sampling, and schedule comparisons.
 
     python trajectory.py analyze --dataset_name=digits --seeds=0-15
+    python trajectory.py geometry --dataset_name=digits --seeds=0-31 --window=7
     python trajectory.py schedules --dataset_name=gmm --num_steps=7 --num_warmup=64
 
 `analyze` records sampling trajectories x(t_i) of any model (a fine solver run with every
@@ -10,6 +11,11 @@ last points. Sampling trajectories deviate little and in a "boomerang" profile (
 ends, one hump in between) whatever the content; denoising trajectories settle early. A 3-D
 view uses the start-end direction plus the two directions that carry most of the deviation.
 Outputs: profile.png, traj_3d.png and trajectory.json (every profile, per seed).
+
+`geometry` measures the Frenet-Serret curvature kappa(s) and torsion tau(s) of the same trajectories
+projected onto their 3-D chord frame (a local cubic fit in arc length over --window points), where
+along them the rotation sqrt(kappa^2 + tau^2) ds concentrates, and their Procrustes alignment to the
+first seed's in 2-D and 3-D (curvature.png, rotation.png, procrustes.png, geometry.json).
 
 `schedules` draws the polynomial, logsnr and time_uniform schedules next to the GITS schedule
 searched for the same model, solver and number of steps (schedules.png, schedules.json). For
@@ -35,6 +41,7 @@ import numpy as np
 import torch
 
 import dnnlib
+import geometry
 import gits
 import models
 import options as cli_options
@@ -44,6 +51,7 @@ import solvers
 import trajectory_stats
 from dnnlib.util import UserError
 from models import empirical
+from geometry import line_deviation, project, projection_basis   # noqa: F401 (trajectory.* names kept)
 from torch_utils import distributed as dist
 from torch_utils import misc
 from torch_utils.seeds import seed_batch
@@ -69,49 +77,7 @@ def record_trajectories(denoise, noise, t_steps, solver='ipndm', **options):
 
 
 # ----------------------------------------------------------------------------------------------
-# Geometry. Points are [N, B, D] float64: N points along each of B trajectories.
-
-def line_deviation(points):
-    """Distance of every point [N, B] from the straight line through the trajectory's first and
-    last points. Zero at both ends by construction (up to round-off)."""
-    rel = points - points[0]
-    chord = rel[-1]
-    u = chord / chord.norm(dim=-1, keepdim=True).clamp_min(1e-300)
-    along = (rel * u).sum(-1, keepdim=True)
-    return (rel - along * u).norm(dim=-1)
-
-
-def projection_basis(points):
-    """Per trajectory, an orthonormal basis [B, 3, D]: the unit start-end direction, then the two
-    leading singular directions of the deviation vectors (the component of x_i - x_0 orthogonal
-    to the chord). Not centered: the deviations are anchored at zero at both ends, and these are
-    the directions that reconstruct them best. Also returns the share of the deviation's squared
-    norm those two directions carry [B] (1 = the trajectory lies in a 3-D subspace)."""
-    rel = points - points[0]                                            # [N, B, D]
-    chord = rel[-1]
-    u = chord / chord.norm(dim=-1, keepdim=True).clamp_min(1e-300)      # [B, D]
-    dev = rel - (rel * u).sum(-1, keepdim=True) * u
-    bases, shares = [], []
-    for b in range(points.shape[1]):
-        _, s, vh = torch.linalg.svd(dev[:, b], full_matrices=False)   # vh [min(N, D), D]
-        k = min(2, vh.shape[0])
-        pcs = vh[:k]
-        if k < 2:
-            pcs = torch.cat([pcs, torch.zeros(2 - k, pcs.shape[1], dtype=pcs.dtype)])
-        # Directions with a zero singular value are arbitrary and need not be orthogonal to u:
-        # orthonormalise [u, pc1, pc2] (Householder QR stays orthonormal even when degenerate),
-        # with signs that keep u and the leading directions as they were.
-        q, r = torch.linalg.qr(torch.cat([u[b][None], pcs]).T)
-        bases.append((q * torch.where(r.diagonal() < 0, -1.0, 1.0).to(q.dtype)).T)
-        total = s.square().sum()
-        shares.append(float(s[:2].square().sum() / total) if total > 0 else 1.0)
-    return torch.stack(bases), shares
-
-
-def project(points, origin, basis):
-    """Coordinates [N, B, 3] of points [N, B, D] relative to origin [B, D] in basis [B, 3, D]."""
-    return torch.einsum('nbd,bkd->nbk', points - origin, basis)
-
+# Geometry (geometry.py). Points are [N, B, D] float64: N points along each of B trajectories.
 
 def profile_stats(points):
     """Deviation profile of each trajectory and summaries, as plain lists for the JSON."""
@@ -133,10 +99,10 @@ def _pyplot():
     return plt
 
 
-def _save(fig, path):
+def _save(fig, path, dpi=110):
     import io
     buf = io.BytesIO()
-    fig.savefig(buf, format='png', dpi=110, bbox_inches='tight')
+    fig.savefig(buf, format='png', dpi=dpi, bbox_inches='tight')
     misc.atomic_write_bytes(path, buf.getvalue())
 
 
@@ -336,25 +302,40 @@ def record_seeds(opts, model, device, seeds, t_steps, options):
     return torch.cat(xs, 1), torch.cat(dens, 1)
 
 
-@main.command()
-@model_options
-@click.option('--seeds', type=str, default='0-15', help='Trajectories to record, e.g. 0-15')
-@click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch')
-@click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectory')
-@click.option('--num_steps', type=click.IntRange(min=3), default=61, help='Points on each trajectory')
-@click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule')
-@click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent')
-@click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,...,0.002]')
-@click.option('--num_plots', type=click.IntRange(min=1), default=4, help='Trajectories drawn in the 3-D figure')
-def analyze(**kwargs):
-    """Record trajectories and measure their deviation from a straight line."""
-    opts = cli_options.frozen('Analyze', kwargs)
+def recording_options(min_points, seeds_help='Trajectories to record, e.g. 0-15'):
+    """The flags of a command that records trajectories (analyze, geometry)."""
+    def decorate(fn):
+        for option in reversed([
+            click.option('--seeds', type=str, default='0-15', help=seeds_help),
+            click.option('--batch', type=click.IntRange(min=1), default=64, help='Trajectories per batch'),
+            click.option('--solver', type=click.Choice(list(solvers.SOLVERS)), default='ipndm', help='Solver that traces the trajectory'),
+            click.option('--num_steps', type=click.IntRange(min=min_points), default=61, help='Points on each trajectory'),
+            click.option('--schedule_type', type=click.Choice(list(solver_utils.SCHEDULES)), default='polynomial', help='Time schedule'),
+            click.option('--schedule_rho', type=float, default=7.0, help='Schedule exponent'),
+            click.option('--t_steps', type=str, default=None, help='Explicit schedule, e.g. [80,...,0.002]'),
+        ]):
+            fn = option(fn)
+        return model_options(fn)
+    return decorate
+
+
+def recording_flags(name, kwargs):
+    """The frozen flags of a recording command, the inapplicable ones refused, and its seeds."""
+    opts = cli_options.frozen(name, kwargs)
     dnnlib.util.refuse_inapplicable(opts, dnnlib.util.explicit_flags(click.get_current_context()),
                                     cli_options.SCHEDULE_RULES)
     try:
-        seeds = misc.parse_int_list(opts.seeds)
+        return opts, misc.parse_int_list(opts.seeds)
     except ValueError as e:
         raise UserError(f'--seeds: {e}') from None
+
+
+@main.command()
+@recording_options(min_points=3)
+@click.option('--num_plots', type=click.IntRange(min=1), default=4, help='Trajectories drawn in the 3-D figure')
+def analyze(**kwargs):
+    """Record trajectories and measure their deviation from a straight line."""
+    opts, seeds = recording_flags('Analyze', kwargs)
     options = solver_options(opts, opts.solver)
     model, device = load_model(opts)
     t_steps = trajectory_schedule(opts, model, options)
@@ -376,6 +357,176 @@ def analyze(**kwargs):
           f'{rel.mean():.4f} on average (min {rel.min():.4f}, max {rel.max():.4f}); '
           f'2 directions carry {np.mean(shares):.3f} of the deviation')
     print(f'Wrote profile.png, traj_3d.png and trajectory.json to {outdir}')
+
+
+# ----------------------------------------------------------------------------------------------
+# Curvature, torsion and calibrated projections (issue 30, items 1 and 2).
+
+def _finite(values):
+    """A list for the JSON with NaN (no value: a point left out of the fit) as null."""
+    return [None if v != v else v for v in values]
+
+
+def quartiles(rows):
+    """Per point, the 25th, 50th and 75th percentiles over trajectories of rows [B, N] (NaN
+    ignored), as lists."""
+    q = torch.nanquantile(rows, torch.tensor([0.25, 0.5, 0.75], dtype=rows.dtype), dim=0)
+    return dict(q25=_finite(q[0].tolist()), median=_finite(q[1].tolist()), q75=_finite(q[2].tolist()))
+
+
+def curve_stats(points, window):
+    """Frenet-Serret geometry of each trajectory of points [N, B, D], projected onto its own 3-D
+    chord frame: kappa(s) and tau(s) per seed, and their quartiles over seeds, in units of the
+    projected curve's length L (scale-free: kappa L = pi for a half circle), with the share of
+    the total rotation reached at each point and of the arc length."""
+    g = geometry.trajectory_geometry(points, window)
+    length = g['s'][:, -1:].clamp_min(1e-300)
+    total = g['rotation'][:, -1:]
+    rot_frac = torch.where(total > 0, g['rotation'] / total.clamp_min(1e-300), torch.full_like(g['rotation'], float('nan')))
+    stats = dict(kappa=[_finite(r) for r in g['kappa'].tolist()], tau=[_finite(r) for r in g['tau'].tolist()],
+                 arc_length=g['s'].tolist(), rotation=g['rotation'].tolist(), total_rotation=total[:, 0].tolist(),
+                 kappa_L=quartiles(g['kappa'] * length), abs_tau_L=quartiles(g['tau'].abs() * length),
+                 rotation_fraction=quartiles(rot_frac), arc_fraction=quartiles(g['s'] / length),
+                 mean_rotation=g['rotation'].mean(0).tolist())
+    return g, stats
+
+
+def calibrated(points, reference=0):
+    """Each trajectory in its own chord frame, 2-D (the chord and one deviation direction) and 3-D
+    (two), aligned to trajectory `reference` by orthogonal Procrustes. Returns ({dims: aligned
+    coordinates [N, B, dims]}, stats): per dims, the share of each trajectory's deviation from its
+    chord that its dims - 1 directions carry, and the RMS distance to the reference after alignment
+    over the one before (both per seed), and that distance relative to the reference's chord."""
+    aligned, stats = {}, {}
+    for dims in (2, 3):
+        coords, shares = geometry.chord_coordinates(points, dims)
+        aligned[dims], residual = geometry.align_to_reference(coords, reference)
+        chord = float(coords[-1, reference].norm())
+        rms = (aligned[dims] - aligned[dims][:, reference:reference + 1]).square().sum(-1).mean(0).sqrt()
+        stats[f'{dims}d'] = dict(deviation_share=shares, residual_ratio=residual,
+                                 aligned_rms_over_chord=(rms / chord).tolist(),
+                                 median_deviation_share=float(np.median(shares)),
+                                 median_residual_ratio=float(np.median(residual)))
+    return aligned, stats
+
+
+def _band(ax, x, q, color, label):
+    med = np.asarray([np.nan if v is None else v for v in q['median']], dtype=float)
+    lo = np.asarray([np.nan if v is None else v for v in q['q25']], dtype=float)
+    hi = np.asarray([np.nan if v is None else v for v in q['q75']], dtype=float)
+    ax.plot(x, med, color=color, lw=2, label=label)
+    ax.fill_between(x, lo, hi, color=color, alpha=0.25, lw=0)
+
+
+def plot_curvature(path, t_steps, stats, title):
+    """Median and quartiles over seeds of kappa L and |tau| L against sigma, for the sampling and
+    the denoising trajectory."""
+    plt = _pyplot()
+    t = np.asarray([float(v) for v in t_steps])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, key, name in [(axes[0], 'kappa_L', r'curvature $\kappa L$'), (axes[1], 'abs_tau_L', r'torsion $|\tau| L$')]:
+        for which, color in (('sampling', 'tab:blue'), ('denoising', 'tab:orange')):
+            _band(ax, t, stats[which][key], color, f'{which} (median, quartiles)')
+        ax.set_xscale('log')
+        ax.set_yscale('log')
+        ax.invert_xaxis()
+        ax.set_xlabel(r'noise level $\sigma$ (sampling goes left to right)')
+        ax.set_title(name + ' of the 3-D projection (L: its length)', fontsize=9)
+        ax.grid(alpha=0.3, which='both')
+        ax.legend(fontsize=7)
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_rotation(path, t_steps, stats, title):
+    """Where the rotation concentrates: the share of the total rotation (and of the arc length)
+    reached by each noise level, median and quartiles over seeds."""
+    plt = _pyplot()
+    t = np.asarray([float(v) for v in t_steps])
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    for ax, which in zip(axes, ('sampling', 'denoising')):
+        _band(ax, t, stats[which]['rotation_fraction'], 'tab:red', r'total rotation $\int\sqrt{\kappa^2+\tau^2}\,ds$')
+        _band(ax, t, stats[which]['arc_fraction'], 'tab:gray', 'arc length $s$')
+        ax.set_xscale('log')
+        ax.invert_xaxis()
+        ax.set_ylim(-0.02, 1.02)
+        ax.set_xlabel(r'noise level $\sigma$ (sampling goes left to right)')
+        ax.set_ylabel('share reached (median, quartiles)')
+        ax.set_title(f'{which} trajectory', fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc='upper left')
+    fig.suptitle(title, fontsize=10)
+    _save(fig, path)
+    plt.close(fig)
+
+
+def plot_procrustes(path, aligned, aligned_den, reference, title):
+    """Sampling trajectories aligned to the reference by Procrustes in 2-D and 3-D, and the
+    denoising ones in 2-D."""
+    plt = _pyplot()
+    fig = plt.figure(figsize=(12, 3.8))
+    panels = [(aligned[2], 'sampling, 2-D', 'tab:blue'), (aligned[3], 'sampling, 3-D', 'tab:blue'),
+              (aligned_den[2], 'denoising, 2-D', 'tab:orange')]
+    for i, (coords, name, color) in enumerate(panels):
+        c = coords.numpy()
+        ax = fig.add_subplot(1, 3, i + 1, projection='3d' if c.shape[-1] == 3 else None)
+        for b in range(c.shape[1]):
+            ref = b == reference
+            ax.plot(*[c[:, b, k] for k in range(c.shape[-1])], color='black' if ref else color,
+                    lw=1.6 if ref else 0.7, alpha=1.0 if ref else 0.35)
+        ax.set_xlabel('start-end', fontsize=8)
+        ax.set_ylabel('dev. dir. 1', fontsize=8)
+        if c.shape[-1] == 3:
+            ax.set_zlabel('dev. dir. 2', fontsize=8)
+        ax.tick_params(labelsize=6)
+        ax.set_title(f'{name} (black: the reference)', fontsize=9)
+    fig.suptitle(title, fontsize=10)
+    fig.subplots_adjust(wspace=0.3)
+    _save(fig, path, dpi=80)        # many thin lines: a small PNG needs fewer pixels
+    plt.close(fig)
+
+
+@main.command(name='geometry')
+@recording_options(min_points=5, seeds_help='Trajectories to record, e.g. 0-15 (the first is the Procrustes reference)')
+@click.option('--window', type=click.IntRange(min=4), default=7, help='Points of the local cubic fit in arc length')
+def geometry_command(**kwargs):
+    """Curvature and torsion of the projected trajectories, and their Procrustes alignment."""
+    opts, seeds = recording_flags('Geometry', kwargs)
+    if len(seeds) < 2:
+        raise UserError('--seeds: quartiles and an alignment need at least 2 trajectories')
+    options = solver_options(opts, opts.solver)
+    model, device = load_model(opts)
+    t_steps = trajectory_schedule(opts, model, options)
+    if len(t_steps) < opts.window:
+        raise UserError(f'--window: {opts.window} points do not fit on a trajectory of {len(t_steps)} points')
+    outdir = outdir_for(opts, 'geometry', 'geometry.json')
+    run_schedule.warn_outside_model_range(t_steps, model)
+
+    xs, dens = record_seeds(opts, model, device, seeds, t_steps, options)
+    sampling, s_stats = curve_stats(xs, opts.window)
+    _, d_stats = curve_stats(dens, opts.window)
+    aligned, s_align = calibrated(xs)
+    aligned_den, d_align = calibrated(dens)
+    result = dict(dataset_name=opts.dataset_name, solver=opts.solver, solver_options=options, compat=opts.compat,
+                  seeds=seeds, reference_seed=seeds[0], window=opts.window,
+                  t_steps=[float(t) for t in t_steps], t_steps_text=solver_utils.format_t_steps(t_steps),
+                  sampling=dict(s_stats, procrustes=s_align), denoising=dict(d_stats, procrustes=d_align),
+                  options=command_line(opts))
+    title = f'{opts.dataset_name}: {len(seeds)} trajectories, {opts.solver}, {len(t_steps)} points, window {opts.window}'
+    stats = dict(sampling=s_stats, denoising=d_stats)
+    plot_curvature(os.path.join(outdir, 'curvature.png'), t_steps, stats, title)
+    plot_rotation(os.path.join(outdir, 'rotation.png'), t_steps, stats, title)
+    plot_procrustes(os.path.join(outdir, 'procrustes.png'), aligned, aligned_den, 0, title)
+    misc.atomic_write_json(os.path.join(outdir, 'geometry.json'), result)
+    reached = np.asarray([np.nan if v is None else v for v in s_stats['rotation_fraction']['median']])
+    half = float(t_steps[int(np.argmax(reached >= 0.5))])     # the first point with half the rotation
+    print(f'{len(seeds)} trajectories of {len(t_steps)} points: total rotation of the sampling trajectory '
+          f'{np.median(s_stats["total_rotation"]):.3f} rad (median), half of it reached at sigma {half:.3g}; '
+          f'deviation carried by 1 / 2 directions {s_align["2d"]["median_deviation_share"]:.3f} / '
+          f'{s_align["3d"]["median_deviation_share"]:.3f}; Procrustes residual (3-D) '
+          f'{s_align["3d"]["median_residual_ratio"]:.3f} of the unaligned distance')
+    print(f'Wrote curvature.png, rotation.png, procrustes.png and geometry.json to {outdir}')
 
 
 # ----------------------------------------------------------------------------------------------

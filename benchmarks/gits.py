@@ -14,6 +14,8 @@ For every model, solver and NFE (a cell) it measures the RMSE to `exact()` (the 
               dpmpp, unipc: logsnr; deis: time_uniform rho 2);
 - gits:       the paper's search (Euler-step 'dev' cost, DP with coeff 1.15; with afs its free step);
 - student:    the solver-aware DP (student_search.student_dp, run for this cell's length alone);
+- rotation:   equal total rotation along the same teacher runs (rotation.py, `--search=rotation`;
+              issue 30), not a start of the refinement;
 - refined:    student_search.refine_found, started from gits, student and the fixed schedules,
               with sample.py's budget for one num_steps: refine_budget teacher runs of its own
               evaluations, the teacher runs of its check set (the num_warmup seeds after the
@@ -53,6 +55,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import dnnlib                      # noqa: E402
 import gits                        # noqa: E402
 import models                      # noqa: E402
+import rotation                    # noqa: E402
 import schedules                   # noqa: E402
 import solvers                     # noqa: E402
 import student_search             # noqa: E402
@@ -65,7 +68,7 @@ ALL_SOLVERS = ('euler', 'ipndm', 'ipndm_v', 'heun', 'dpm', 'dpmpp', 'deis', 'uni
 BASELINE = dict(ipndm='polynomial', ipndm_v='polynomial', euler='polynomial', heun='polynomial', dpm='polynomial',
                 dpmpp='logsnr', unipc='logsnr', deis='time_uniform')
 FIXED = dict(student_search.FIXED_SCHEDULES)
-MODES = ('baseline', 'best_fixed', 'gits', 'student', 'refined')
+MODES = ('baseline', 'best_fixed', 'gits', 'student', 'rotation', 'refined')
 PEER = ('unipc', 'gits')           # issue 16's reference: UniPC on the paper's schedule
 TARGET_RATIO = 0.7                 # issue 16: the best refined solver must beat the peer by 30%
 
@@ -159,6 +162,7 @@ def run_cell(ctx, solver, nfe):
     smin, smax = float(ctx.t_tea[-1]), float(ctx.t_tea[0])
     candidates = {kind: schedules.get_schedule(points, smin, smax, kind, rho) for kind, rho in FIXED.items()}
     candidates.update(inits)
+    candidates['rotation'] = rotation.equal_rotation_points(ctx.rotation, ctx.t_tea, points)
     candidates['refined'] = refined
     errors = {k: held_out(ctx.model, ctx.latents, ctx.ref, ts, solver, options, afs) for k, ts in candidates.items()}
     best_fixed = min(FIXED, key=lambda k: float(errors[k].mean()))
@@ -172,7 +176,7 @@ def run_cell(ctx, solver, nfe):
               **paired(errors['refined'], errors[best_start]))
     vs['verdict'] = verdict(vs)
     row = dict(points=points, afs=afs, best_fixed=best_fixed, rmse={k: stats(e) for k, e in errors.items()},
-               vs_best_start=vs, outcome=outcome(info), refine=info,
+               vs_best_start=vs, rotation_vs_gits=paired(errors['rotation'], errors['gits']), outcome=outcome(info), refine=info,
                cost=dict(student_evals=student_evals, student_seconds=student_seconds, afs_evals=afs_evals,
                          afs_seconds=afs_seconds, check_evals=ctx.check_evals, refine_evals=info['evals'],
                          refine_budget=budget, refine_seconds=refine_seconds),
@@ -203,8 +207,13 @@ def run_dataset(name, opts):
     teacher_err = stats(held_out(model, ctx.latents, ctx.ref, ctx.t_tea, opts.solver_tea, {}, False))
     max_points = max(layout(s, n)[0] for s in opts.solver_list for n in opts.nfe_list)
     ctx.gits_paths = gits.gits_paths(ctx.data, ctx.t_tea, list(range(2, max_points + 1)), gits.METRIC, gits.COEFF, timing)
+    t0 = time.perf_counter()
+    ctx.rotation = rotation.mean_rotation(ctx.data)
+    timing['rotation'] = time.perf_counter() - t0
     out = dict(teacher=dict(evals=ctx.teacher_evals, seconds=timing['teacher'], rmse=teacher_err),
-               gits_search=dict(cost_seconds=timing['cost'], dp_seconds=timing['dp']), solvers={})
+               gits_search=dict(cost_seconds=timing['cost'], dp_seconds=timing['dp']),
+               rotation_search=dict(seconds=timing['rotation'], mean_rotation=[float(r) for r in ctx.rotation]),
+               solvers={})
     print(f'[{name}] teacher {opts.solver_tea} x{opts.num_steps_tea}: {ctx.teacher_evals} evaluations, '
           f'{timing["teacher"]:.2f}s; its own RMSE {teacher_err["mean"]:.2e}; GITS cost matrix '
           f'{timing["cost"]:.2f}s, DP {timing["dp"]:.3f}s', flush=True)
@@ -398,6 +407,28 @@ def headline_table(results, nfe_list):
     return '\n'.join(lines)
 
 
+def rotation_table(results, nfe_list):
+    """The rotation schedule against GITS, the refined schedule and the best fixed one, per model,
+    solver and NFE; its paired difference to GITS, and which is lower by more than one SE."""
+    lines = ['| model | solver | NFE | GITS | rotation | refined | best fixed | rotation - GITS (SE) | vs GITS |',
+             '|---|---|---|---|---|---|---|---|---|']
+    for name, res in results.items():
+        for solver, rows in res['solvers'].items():
+            for nfe in nfe_list:
+                row = rows[str(nfe)]
+                r, d = row['rmse'], row['rotation_vs_gits']
+                verdict = 'wins' if d['diff'] < -d['se'] else 'loses' if d['diff'] > d['se'] else 'tie'
+                lines.append(f'| {name} | {solver} | {nfe} | {short(r["gits"]["mean"])} | {short(r["rotation"]["mean"])} | '
+                             f'{short(r["refined"]["mean"])} | {short(r["best_fixed"]["mean"])} ({row["best_fixed"]}) | '
+                             f'{d["diff"]:+.2g} ({d["se"]:.2g}) | {verdict} |')
+    return '\n'.join(lines)
+
+
+def has_rotation(results):
+    return any('rotation_vs_gits' in row for res in results.values() for rows in res['solvers'].values()
+               for row in rows.values())
+
+
 def wins(results):
     """Cells where the refined schedule beats the best of its starts by more than one paired SE."""
     return sum(row['vs_best_start']['diff'] < -row['vs_best_start']['se']
@@ -437,6 +468,9 @@ def markdown(record):
                                     cost_table(res, nfe_list))
         sections[f'{name}-quality'] = (f'{name}: quality against UniPC on the GITS schedule (ratio to it; '
                                        'paired SE of the difference)', quality_table(res, nfe_list))
+    if has_rotation(results):       # results written before the rotation schedule have none
+        sections['rotation'] = ('The rotation schedule against GITS and the refined schedules (held-out RMSE; '
+                                'paired difference to GITS)', rotation_table(results, nfe_list))
     sections['summary'] = ('Summary', summary_text(record['summary'], record['seconds'], wins(results)))
     return sections
 

@@ -79,6 +79,10 @@ SLOW = {
     'test_optimal_denoiser.py': ('test_optimal_command_on_digits',),
     'test_trajectory_stats.py': ('test_stats_do_not_depend_on_the_batch_and_equal_fresh_trajectories',
                                  'test_two_processes_give_one_process_result'),
+    'test_geometry.py': ('test_geometry_command',),
+    'test_rotation_schedule.py': ('test_rotation_search_is_deterministic_and_batch_invariant',
+                                  'test_torchrun_two_processes_same_rotation_schedule',
+                                  'test_rotation_search_on_a_diffusers_pipeline'),
     'test_trajectory.py': ('test_analyze_digits_profile_and_figures', 'test_schedules_command_matches_gits_search',
                            'test_bad_flags_are_one_line_errors', 'test_throughput_benchmark_smoke'),
 }
