@@ -76,6 +76,9 @@ SLOW = {
                                'test_kept_refinement_is_the_same_on_two_processes',
                                'test_normal_equations_do_not_depend_on_rounds_or_threads',
                                'test_check_set_is_the_seeds_after_the_warmup_ones', 'test_bad_refine_flags'),
+    'test_learned_coefficients.py': ('test_the_fit_lowers_its_objective_and_the_check_decides',
+                                     'test_schedule_files_with_coefficients_round_trip_into_run_json',
+                                     'test_mismatched_coefficient_files_are_refused_in_one_line'),
     'test_trajectory.py': ('test_analyze_digits_profile_and_figures', 'test_schedules_command_matches_gits_search',
                            'test_bad_flags_are_one_line_errors', 'test_throughput_benchmark_smoke'),
 }
