@@ -81,8 +81,8 @@ def expected_points(opts):
 def schedule_tag(opts):
     """Where the schedule comes from, in a few characters: run.json's schedule_source and the
     suffix of the default folder name. A fixed type (with its rho unless it is the default 7;
-    logsnr has none), 'gits' (+ '-student', '-refined', and the base type if not polynomial
-    rho 7), 'tsteps-' + a hash of a pasted list, 'file-' + the schedule file's name."""
+    logsnr has none), 'gits' (+ '-student', '-refined', '-learned', and the base type if not
+    polynomial rho 7), 'tsteps-' + a hash of a pasted list, 'file-' + the schedule file's name."""
     if opts.t_steps is not None:
         text = schedules.format_t_steps(opts.t_steps_list)
         return 'tsteps-' + hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -93,7 +93,8 @@ def schedule_tag(opts):
         base += f'-rho{opts.schedule_rho:g}'
     if not opts.dp:
         return base
-    tag = 'gits' + ('-student' if opts.search == 'student' else '') + ('-refined' if opts.refine else '')
+    tag = 'gits' + ('-student' if opts.search == 'student' else '') + ('-refined' if opts.refine else '') + \
+        ('-learned' if getattr(opts, 'refine_coefficients', False) else '')
     return tag if base == 'polynomial' else f'{tag}-{base}'
 
 

@@ -270,6 +270,9 @@ def _with_interior(t_steps, u):
 # after it: the last step's weights cost nothing, and the last step's update is linear in them.
 
 FD_STEP_COEFFICIENT = 1e-2    # finite-difference step of an offset (relative to its step's size)
+SCHEDULE_SHARE = 0.5          # of the budget left after the starts: the points alone, before the joint fit
+COEFFICIENT_BATCH = 256       # trajectories per Jacobian of the joint fit: with BATCH's 64 its steps, fitted to
+                              # a quarter of the set, stalled (gmm, unipc, NFE 3: held-out error unchanged)
 
 
 def coefficient_slots(analytic):
@@ -398,7 +401,7 @@ def finalists(errors, width=2.0):
     return sorted(out, key=lambda k: float(errors[k].mean()))
 
 
-def refine_schedule(data, check, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=BATCH,
+def refine_schedule(data, check, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=None,
                     max_steps=100, coefficients=False):
     """Refine the best of `inits` ({name: t_steps}, equal lengths): the starts are compared on the
     warm-up trajectories `data` with global index >= exclude (those no search fitted) together with
@@ -411,6 +414,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     rejects it: the start is returned, with the analytic weights). Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
+    batch = batch or (COEFFICIENT_BATCH if coefficients else BATCH)
     total = dist.sum_over_ranks(sum(r.size for r in data))
     check_size = dist.sum_over_ranks(sum(r.size for r in check))
     compared_from = exclude if exclude < total else 0
@@ -418,8 +422,8 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     nfe = solvers.count_nfe(solver, points, afs)
     spent = 0
 
-    def affordable(evals):
-        return budget is None or spent + evals <= budget
+    def affordable(evals, limit=budget):
+        return limit is None or spent + evals <= limit
 
     def errors(ts, rounds, offsets=None):
         nonlocal spent
@@ -445,39 +449,44 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
         finals[name] = float(torch.cat([start_errors[name][compared_from:], start_check[name]]).mean())
     start = min(finals or objectives, key=(finals or objectives).get)
     t_steps = inits[start].clone()
-    offsets, jacobian_cost = None, nfe * (points - 1)            # per trajectory
-    if coefficients:
-        slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options))
-        offsets = torch.zeros(len(slots), dtype=torch.float64)
-        jacobian_cost += sum(nfe - i for _, i, _ in slots)       # a weight of step i: the evaluations after it
     value = float(start_errors[start].mean())
     check_cost = nfe * check_size * (1 + int(start not in start_check))     # the result (and start) on it
-    trace, damping, failures, cursor = [], 1e-2, 0, 0
-    while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
-        lo = cursor % total
-        hi = min(total, lo + batch)
-        cursor = hi
-        if not affordable(jacobian_cost * (hi - lo) + nfe * total + check_cost):
-            break                        # a Jacobian and one trial step, keeping the check affordable
-        A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets)
-        spent += dist.sum_over_ranks(evals)
-        accepted = False
-        while affordable(nfe * total + check_cost):
-            trial = _lm_step(t_steps, A, g, damping, offsets)
-            if trial is None:
+    trace, offsets, joint_from = [], None, None
+    phases = [(None, batch, nfe * (points - 1), budget)]     # (offsets, batch, Jacobian cost a trajectory, budget)
+    if coefficients:        # the points alone first (cheap steps), then points and weights together
+        slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options))
+        joint_cost = nfe * (points - 1) + sum(nfe - i for _, i, _ in slots)   # a weight of step i: the evaluations after it
+        first = None if budget is None else spent + int(SCHEDULE_SHARE * (budget - spent))
+        phases = [(None, BATCH, nfe * (points - 1), first),
+                  (torch.zeros(len(slots), dtype=torch.float64), batch, joint_cost, budget)]
+    for offsets, batch, jacobian_cost, limit in phases:
+        damping, failures, cursor = 1e-2, 0, 0
+        joint_from = len(trace) if offsets is not None else joint_from
+        while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
+            lo = cursor % total
+            hi = min(total, lo + batch)
+            cursor = hi
+            if not affordable(jacobian_cost * (hi - lo) + nfe * total + check_cost, limit):
+                break                        # a Jacobian and one trial step, keeping the check affordable
+            A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets)
+            spent += dist.sum_over_ranks(evals)
+            accepted = False
+            while affordable(nfe * total + check_cost, limit):
+                trial = _lm_step(t_steps, A, g, damping, offsets)
+                if trial is None:
+                    damping *= 10
+                    break
+                trial_ts, trial_offsets = (trial, None) if offsets is None else trial
+                trial_value = float(errors(trial_ts, data, trial_offsets).mean())
+                if trial_value < value:
+                    trace.append((value, trial_value))
+                    t_steps, offsets, value, accepted = trial_ts, trial_offsets, trial_value, True
+                    damping = max(damping / 3, 1e-6)
+                    break
                 damping *= 10
-                break
-            trial_ts, trial_offsets = (trial, None) if offsets is None else trial
-            trial_value = float(errors(trial_ts, data, trial_offsets).mean())
-            if trial_value < value:
-                trace.append((value, trial_value))
-                t_steps, offsets, value, accepted = trial_ts, trial_offsets, trial_value, True
-                damping = max(damping / 3, 1e-6)
-                break
-            damping *= 10
-            if damping > 1e4:
-                break
-        failures = 0 if accepted else failures + 1
+                if damping > 1e4:
+                    break
+            failures = 0 if accepted else failures + 1
     verdict, kept = None, False
     if trace:
         if start not in start_check:
@@ -492,8 +501,10 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace,
                 check=verdict, kept=kept, evals=spent, budget=budget, fit=total, compared_from=compared_from)
     if coefficients:
-        info['coefficients'] = learned_coefficients(solver, t_steps, options, offsets) if kept else None
-        info['offsets'] = offsets.tolist()
+        learned = kept and offsets is not None and bool(offsets.any())
+        info.update(coefficients=learned_coefficients(solver, t_steps, options, offsets) if learned else None,
+                    offsets=offsets.tolist() if offsets is not None else None,
+                    joint_steps=len(trace) - joint_from if joint_from is not None else 0)
     return t_steps, info
 
 

@@ -118,7 +118,7 @@ def sample_cli(*args):
 def learned_file(tmp_path_factory):
     path = tmp_path_factory.mktemp('learned') / 'learned.json'
     r = sample_cli('--solver=unipc', '--max_order=2', '--dp=True', '--refine=True', '--refine_coefficients=True',
-                   '--num_steps=4', '--save_num_steps=3,4', '--num_warmup=16', '--num_steps_tea=13',
+                   '--num_steps=4', '--save_num_steps=3,4', '--num_warmup=16', '--num_steps_tea=13', '--refine_budget=40',
                    f'--save_schedules={path}')
     assert r.returncode == 0, r.stderr
     assert 'with learned coefficients' in r.stdout or 'analytic coefficients' in r.stdout
