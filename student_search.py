@@ -409,9 +409,11 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     `check` (trajectories no step has seen) decides whether the result is kept. `budget`: the most
     denoiser evaluations to spend, all processes and stages together (None: no limit); a step is
     only started if the budget also affords the check. coefficients=True (multistep solvers): the
-    solver's weights are fitted together with the points (offsets from the analytic ones, see
-    learned_coefficients), and info['coefficients'] holds the kept table (None when the check
-    rejects it: the start is returned, with the analytic weights). Returns (t_steps, info)."""
+    points alone are fitted first (SCHEDULE_SHARE of the budget left after the starts), then the
+    solver's weights together with the points (offsets from the analytic ones, see
+    learned_coefficients; `batch` is then the joint fit's, default COEFFICIENT_BATCH), and
+    info['coefficients'] holds the kept table (None when the check rejects the result: the start is
+    returned, with the analytic weights; or when no joint step was accepted). Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
     batch = batch or (COEFFICIENT_BATCH if coefficients else BATCH)
