@@ -28,6 +28,8 @@ from torch_utils import distributed as dist
 from torch_utils import misc
 
 RESOLVED = {'resolved': True}     # field metadata: derived by resolve(), not a command-line flag
+ADDED = {'omit_default': True}    # field metadata: a later flag, left out of run.json's options at its default
+                                  # (so that the run.json of a run without it keeps its bytes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -88,6 +90,7 @@ class Options:
     search: str
     refine: bool
     refine_budget: float
+    refine_coefficients: bool = dataclasses.field(default=False, metadata=ADDED)
     # Resolved by resolve().
     given: frozenset = dataclasses.field(default=frozenset(), metadata=RESOLVED)    # flags named on the command line
     seed_list: tuple = dataclasses.field(default=(), metadata=RESOLVED)
@@ -96,10 +99,12 @@ class Options:
     solver_options: dict = dataclasses.field(default=None, metadata=RESOLVED)    # the student's, resolved
     teacher_options: dict = dataclasses.field(default=None, metadata=RESOLVED)   # the GITS teacher's (--dp)
     save_num_steps_list: list = dataclasses.field(default=None, metadata=RESOLVED)   # --dp: num_steps to search for
+    coefficients: dict = dataclasses.field(default=None, metadata=RESOLVED)  # learned weights (schedule file, search)
 
     def command_line(self):
         """The flags' values, in --help order (run.json's `options`)."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get('resolved')}
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.metadata.get('resolved')
+                and not (f.metadata.get('omit_default') and getattr(self, f.name) == f.default)}
 
 
 def frozen(name, values):
@@ -146,6 +151,12 @@ RULES = SCHEDULE_RULES + (
      'does not apply to --search=rotation (it has no cost matrix and no DP)'),
     (('refine',), lambda o: o.compat is None or not o.refine,
      'refinement is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
+    (('refine_coefficients',), lambda o: o.compat is None or not o.refine_coefficients,
+     'learned coefficients are not in the paper\'s code; --compat=gits-main runs its analytic solvers only'),
+    (('refine_coefficients',), lambda o: o.solver in solvers.MULTISTEP or not o.refine_coefficients,
+     f'only the multistep solvers have coefficients to learn: {", ".join(solvers.MULTISTEP)}'),
+    (('refine_coefficients',), lambda o: bool(o.refine) or not o.dp or not o.refine_coefficients,
+     'needs --refine=True (the coefficients are fitted by the refinement)'),
 )
 
 
@@ -178,13 +189,14 @@ def resolve(kwargs, given=()):
         save_num_steps_list = parse_save_num_steps(raw)
     if raw.save_schedules is not None:
         dnnlib.util.check_writable_file(raw.save_schedules, '--save_schedules')
+    coefficients = None
     if raw.schedule_file is not None:
-        t_steps_list = run_schedule.schedule_from_file(raw, solver_options)
+        t_steps_list, coefficients = run_schedule.schedule_from_file(raw, solver_options)
     if raw.outdir is not None:
         dnnlib.util.check_writable_dir(raw.outdir)
     return dataclasses.replace(raw, seed_list=tuple(seed_list), t_steps_list=t_steps_list, solver_flags=solver_flags,
                                solver_options=solver_options, teacher_options=teacher_options,
-                               save_num_steps_list=save_num_steps_list)
+                               save_num_steps_list=save_num_steps_list, coefficients=coefficients)
 
 
 def parse_seeds(text):

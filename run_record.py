@@ -54,7 +54,9 @@ IDENTITY = {
     'start_scale': lambda r: start_scale_identity(r),   # None: sampling starts at t_steps[0]
     'grid': lambda r: bool(r.opts.grid),          # one grid.png, or one PNG per seed
     'subdirs': lambda r: bool(r.opts.subdirs),    # where the PNGs lie
+    'coefficients': lambda r: getattr(r.opts, 'coefficients', None),   # learned solver weights (issue 29)
 }
+OMITTED_WHEN_NONE = ('coefficients',)    # keys added later: absent at None, so older run.json files keep their bytes
 def start_scale_identity(r):
     """Where sampling starts, when that is not t_steps[0] (--schedule_type=pipeline: the pipeline's
     own start), so that a pasted copy of a pipeline schedule does not continue its folder."""
@@ -64,7 +66,8 @@ def start_scale_identity(r):
     return None if scale == float(r.t_steps[0]) else scale
 
 
-LABELS = {'checkpoint': 'the checkpoint', 't_steps': 'the schedule (t_steps)'}
+LABELS = {'checkpoint': 'the checkpoint', 't_steps': 'the schedule (t_steps)',
+          'coefficients': 'the learned coefficients (--refine_coefficients)'}
 RUN_FORMAT = 'gits-run-v2'
 
 
@@ -81,7 +84,8 @@ def checkpoint_identity(model, model_path):
 def identity(opts, model, t_steps):
     """The IDENTITY values of a run, as JSON stores them."""
     run = Run(opts, model, t_steps)
-    return json.loads(json.dumps({key: fn(run) for key, fn in IDENTITY.items()}))
+    values = {key: fn(run) for key, fn in IDENTITY.items()}
+    return json.loads(json.dumps({k: v for k, v in values.items() if not (k in OMITTED_WHEN_NONE and v is None)}))
 
 
 def record(opts, model, t_steps, *, nfe, outdir, device, search_info):
@@ -112,7 +116,7 @@ def differences(theirs, ours, skip=()):
         old = theirs.get(key)
         if key in skip or old == new:
             continue
-        if isinstance(old, dict) and isinstance(new, dict):
+        if isinstance(old, dict) and isinstance(new, dict) and key not in LABELS:
             out += [show(k, old.get(k), new.get(k)) for k in dict.fromkeys([*old, *new]) if old.get(k) != new.get(k)]
         else:
             out.append(show(key, old, new))
@@ -163,13 +167,13 @@ def check_before_search(opts, model):
                             denoise_to_zero=opts.denoise_to_zero, compat=opts.compat, **opts.solver_options)
     outdir = opts.outdir or default_outdir(opts, nfe)
     dnnlib.util.check_writable_dir(outdir)
-    dist.on_rank0(lambda: check_outdir(outdir, identity(opts, model, None), skip=('t_steps',)))
+    dist.on_rank0(lambda: check_outdir(outdir, identity(opts, model, None), skip=('t_steps', 'coefficients')))
 
 
 def open_outdir(outdir, run_json, seeds, subdirs, grid):
     """On rank 0: check the folder against `run_json`, write it, and return the seeds whose PNG
     is already there (none for a grid, which is drawn whole)."""
-    check_outdir(outdir, {k: run_json[k] for k in IDENTITY})
+    check_outdir(outdir, {k: run_json.get(k) for k in IDENTITY})
     try:
         os.makedirs(outdir, exist_ok=True)
         done = [] if grid else [s for s in seeds if os.path.isfile(image_path(outdir, s, subdirs))]

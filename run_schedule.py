@@ -81,8 +81,8 @@ def expected_points(opts):
 def schedule_tag(opts):
     """Where the schedule comes from, in a few characters: run.json's schedule_source and the
     suffix of the default folder name. A fixed type (with its rho unless it is the default 7;
-    logsnr has none), 'gits' (+ '-student' or '-rotation', '-refined', and the base type if not polynomial
-    rho 7), 'tsteps-' + a hash of a pasted list, 'file-' + the schedule file's name."""
+    logsnr has none), 'gits' (+ '-student' or '-rotation', '-refined', '-learned', and the base type if
+    not polynomial rho 7), 'tsteps-' + a hash of a pasted list, 'file-' + the schedule file's name."""
     if opts.t_steps is not None:
         text = schedules.format_t_steps(opts.t_steps_list)
         return 'tsteps-' + hashlib.sha1(text.encode()).hexdigest()[:8]
@@ -93,7 +93,8 @@ def schedule_tag(opts):
         base += f'-rho{opts.schedule_rho:g}'
     if not opts.dp:
         return base
-    tag = 'gits' + (f'-{opts.search}' if opts.search in ('student', 'rotation') else '') + ('-refined' if opts.refine else '')
+    tag = 'gits' + (f'-{opts.search}' if opts.search in ('student', 'rotation') else '') + ('-refined' if opts.refine else '') + \
+        ('-learned' if getattr(opts, 'refine_coefficients', False) else '')
     return tag if base == 'polynomial' else f'{tag}-{base}'
 
 
@@ -103,7 +104,7 @@ def schedule_tag(opts):
 DEFAULT_RHO = 7.0
 SCHEDULE_FLAGS = ('num_steps', 'schedule_type', 'schedule_rho', 'sigma_min', 'sigma_max')
 SEARCH_FLAGS = ('metric', 'coeff', 'num_warmup', 'solver_tea', 'num_steps_tea', 'warmup_seed', 'search', 'refine',
-                'refine_budget')                  # how a schedule was searched: schedule files record them
+                'refine_budget', 'refine_coefficients')   # how a schedule was searched: schedule files record them
 SAVE_FLAGS = ('save_schedules', 'save_num_steps')
 SAMPLING_FLAGS = ('seeds', 'outdir', 'grid', 'subdirs', 'denoise_to_zero')
 
@@ -185,7 +186,7 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
                 num_steps_tea=opts.num_steps_tea, metric=opts.metric, coeff=opts.coeff, afs=bool(opts.afs),
                 solver=opts.solver, model=model, all_num_steps=all_steps, search=opts.search or 'gits',
                 refine=bool(opts.refine), refine_budget=opts.refine_budget or student_search.REFINE_BUDGET,
-                compat=opts.compat, denoise_to_zero=bool(opts.denoise_to_zero), **opts.solver_flags)
+                refine_coefficients=bool(opts.refine_coefficients), compat=opts.compat, denoise_to_zero=bool(opts.denoise_to_zero), **opts.solver_flags)
     except ValueError as e:
         raise UserError(str(e)) from None
     teacher_text = ', '.join(f'{k}={v}' for k, v in info['teacher_options'].items()) or 'no options'
@@ -200,6 +201,11 @@ def search_for_sampling(model, opts, sigma_min, sigma_max, device):
     return found[opts.num_steps] if opts.num_steps in found else None, info
 
 
+def searched_coefficients(info, num_steps):
+    """The learned coefficients a search (--refine_coefficients) kept for num_steps, or None."""
+    return ((info or {}).get('refined') or {}).get(str(num_steps), {}).get('coefficients')
+
+
 def refinement_line(num_steps, r):
     """What the refinement did for one num_steps, in one line."""
     finals = r.get('finalists') or {}
@@ -212,6 +218,8 @@ def refinement_line(num_steps, r):
         return f'{head}, no step lowered the fit objective: start kept; {spent}'
     c = r['check']
     verdict = 'kept' if r['kept'] else 'rejected (gain within one SE), start kept'
+    if 'coefficients' in r:
+        verdict += ' (with learned coefficients)' if r['kept'] else ' (with the analytic coefficients)'
     return (f'{head}, {r["steps"]} steps, fit {r["trace"][0][0]:.4g} -> {r["trace"][-1][1]:.4g} on {r["fit"]}, '
             f'check {c["start"]:.4g} -> {c["refined"]:.4g} on {c["size"]} (gain {c["gain"]:.2g} +- {c["se"]:.2g} SE): '
             f'{verdict}; {spent}')
@@ -240,6 +248,8 @@ def save_schedules(path, found, opts, info, sigma_min, sigma_max, model=None):
         t_steps_text={str(n): schedules.format_t_steps(ts) for n, ts in sorted(found.items())},
         exports={str(n): schedule_io.exports(ts, model) for n, ts in sorted(found.items())},
         seconds=info['seconds'])
+    if opts.refine_coefficients:      # only then: a file without learned coefficients keeps its bytes
+        record.update(refine_coefficients=True, coefficients={str(n): searched_coefficients(info, n) for n in sorted(found)})
     try:
         os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
         misc.atomic_write_json(path, record)
@@ -264,9 +274,11 @@ def read_schedule_file(path):
 
 
 def schedule_from_file(opts, solver_options):
-    """The schedule (a list) for opts.num_steps from the --schedule_file, after checking that the
-    file was searched for this run: same model, solver, solver options (`solver_options`, resolved)
-    and afs, and the same value of every schedule or search flag the run names (opts.given)."""
+    """The schedule (a list) for opts.num_steps from the --schedule_file, and its learned
+    coefficients (None: the analytic ones), after checking that the file was searched for this
+    run: same model, solver, solver options (`solver_options`, resolved) and afs, and the same value
+    of every schedule or search flag the run names (opts.given); learned coefficients must have
+    the shape of the solver's table on that schedule."""
     path = opts.schedule_file
     record = read_schedule_file(path)
     this = dict(dataset_name=opts.dataset_name, solver=opts.solver, afs=bool(opts.afs), compat=opts.compat,
@@ -274,6 +286,7 @@ def schedule_from_file(opts, solver_options):
     recorded = dict(record, **(record.get('solver_options') or {}))
     recorded.setdefault('afs', False)
     recorded.setdefault('compat', None)      # files written before --compat existed
+    recorded.setdefault('refine_coefficients', False)
     for key, value in this.items():
         if key in recorded and recorded[key] != value:
             fix = f'pass --{key}={recorded[key]}' if recorded[key] is not None else f'drop --{key}'
@@ -291,6 +304,22 @@ def schedule_from_file(opts, solver_options):
         raise UserError(f'--num_steps: "{path}" holds schedules for num_steps '
                         f'{", ".join(sorted(record["schedules"], key=int))}')
     try:
-        return schedules.check_t_steps(record['schedules'][key])
+        t_steps = schedules.check_t_steps(record['schedules'][key])
+        coefficients = (record.get('coefficients') or {}).get(key)
+        if coefficients is not None:
+            coefficients = checked_coefficients(opts.solver, t_steps, solver_options, coefficients)
     except (ValueError, TypeError) as e:
-        raise UserError(f'--schedule_file: {e}') from None
+        raise UserError(f'--schedule_file: "{path}": {e}') from None
+    return t_steps, coefficients
+
+
+def checked_coefficients(solver, t_steps, solver_options, coefficients):
+    """`coefficients` if they fit the solver's table on t_steps (ValueError in one line if not)."""
+    if solver not in solvers.MULTISTEP:
+        raise ValueError(f'learned coefficients are for a multistep solver ({", ".join(solvers.MULTISTEP)}), '
+                         f'not {solver}')
+    if not isinstance(coefficients, dict):
+        raise ValueError('coefficients: not a table')
+    _, table, corrector = solvers.multistep_tables(solver, t_steps, **solver_options)
+    solvers.with_coefficients(table, corrector, coefficients)
+    return coefficients

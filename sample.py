@@ -8,6 +8,7 @@ seeded by the seed alone), so batch size, process count and interruptions do not
 """
 
 import concurrent.futures
+import dataclasses
 import math
 import os
 import sys
@@ -151,6 +152,7 @@ def sample_seeds(opts, model, t_steps, seeds, outdir, device):
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = [b for b in (split_batches(seeds, opts.batch, world)[rank::world] if seeds else []) if b]
     sample_fn = solvers.SOLVERS[opts.solver]
+    learned = {} if opts.coefficients is None else dict(coefficients=opts.coefficients)
     grid_parts = []
     start_scale = run_schedule.start_scale(opts, model, t_steps)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer, \
@@ -162,7 +164,7 @@ def sample_seeds(opts, model, t_steps, seeds, outdir, device):
             x = noise * start_scale
             with torch.no_grad():
                 x = sample_fn(denoise, x, t_steps, afs=bool(opts.afs), denoise_to_zero=opts.denoise_to_zero,
-                              compat=opts.compat, **opts.solver_options)
+                              compat=opts.compat, **opts.solver_options, **learned)
                 images = to_uint8(model.decode(x))
             if opts.grid:
                 grid_parts.extend(zip(batch_seeds, images))
@@ -201,6 +203,8 @@ def run(opts):
         dist.shutdown()
         return
     check_schedule_for_solver(opts, t_steps)
+    if opts.dp:                          # the learned coefficients a --refine_coefficients search kept
+        opts = dataclasses.replace(opts, coefficients=run_schedule.searched_coefficients(search_info, opts.num_steps))
     run_schedule.warn_outside_model_range(t_steps, model)
     nfe = solvers.count_nfe(opts.solver, len(t_steps), afs=bool(opts.afs), denoise_to_zero=opts.denoise_to_zero,
                             compat=opts.compat, **opts.solver_options)
@@ -284,6 +288,7 @@ def list_presets(ctx, _param, value):
 @click.option('--search', type=click.Choice(['gits', 'student', 'rotation']), default=None, help='GITS cost: gits (one Euler step, the paper) or student (the student solver\'s own step); rotation: equal total rotation along the teacher trajectories (no DP) [default: gits]')
 @click.option('--refine', type=BOOL, default=False, help='GITS: refine the searched schedule on the warm-up set (student\'s final-point error)')
 @click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 6]')
+@click.option('--refine_coefficients', type=BOOL, default=False, help='GITS: the refinement also fits the multistep solver\'s step weights (saved in schedule files)')
 def main(**kwargs):
     """Sample images from a diffusion model with a fast ODE solver."""
     run(options.resolve(kwargs, dnnlib.util.explicit_flags(click.get_current_context())))

@@ -236,73 +236,156 @@ def _validated(name, compat, ts, **options):
     return resolve_options(name, options, compat, num_points=len(ts))
 
 
+# Learned coefficients (issue 29). A multistep solver's table fixes, per step, the weights of the
+# model outputs; `coefficients` replaces those weights by an explicit table of the same shape
+# (the factor `a` of x_i stays the analytic one: it is the exact solution's linear part):
+#
+#     dict(predictor=[[w_i0, w_i1, ...] for every step i]          (newest output first)
+#          corrector=[[w_i0, ...] or None for every step i])        (unipc only)
+#
+# None: the analytic weights. The analytic table in this form (`analytic_coefficients`) gives
+# the same run bit for bit, because the floats are the same.
+
+def _weights(rows):
+    return [None if r is None else [float(w) for w in r[1]] for r in rows]
+
+
+def coefficients_of(table, corrector=None):
+    """The weights of (table, corrector) in the `coefficients` form."""
+    out = dict(predictor=_weights(table))
+    if corrector is not None:
+        out['corrector'] = _weights(corrector)
+    return out
+
+
+def _replaced(rows, weights, part):
+    if weights is None or len(weights) != len(rows):
+        raise ValueError(f'coefficients: the {part} table has {"no" if weights is None else len(weights)} rows, '
+                         f'the solver {len(rows)} steps')
+    out = []
+    for i, (row, w) in enumerate(zip(rows, weights)):
+        if (row is None) != (w is None) or (row is not None and len(w) != len(row[1])):
+            want = 'none' if row is None else f'{len(row[1])} weights'
+            raise ValueError(f'coefficients: {part} step {i} has {"none" if w is None else len(w)}, the solver {want}')
+        out.append(None if row is None else (row[0], tuple(float(v) for v in w)))
+    return tuple(out)
+
+
+def with_coefficients(table, corrector, coefficients):
+    """(table, corrector) with their weights from `coefficients` (None: unchanged). ValueError in
+    one line when the shapes differ (other solver, max_order, length or form options)."""
+    if coefficients is None:
+        return table, corrector
+    if set(coefficients) != ({'predictor', 'corrector'} if corrector is not None else {'predictor'}):
+        raise ValueError(f'coefficients: parts {sorted(coefficients)} do not fit this solver')
+    table = _replaced(table, coefficients['predictor'], 'predictor')
+    if corrector is not None:
+        corrector = _replaced(corrector, coefficients['corrector'], 'corrector')
+    return table, corrector
+
+
+MULTISTEP = {}      # name -> fn(ts, compat, **resolved options) -> (form, table, corrector or None)
+
+
+def multistep_tables(name, t_steps, compat=None, **options):
+    """The analytic (form, table, corrector) of multistep solver `name` on t_steps, options
+    resolved (None or missing: the default)."""
+    ts = tuple(_floats(t_steps))
+    opts = _validated(name, compat, ts, **{k: v for k, v in options.items() if v is not None})
+    return MULTISTEP[name](ts, compat, **opts)
+
+
+def analytic_coefficients(name, t_steps, compat=None, **options):
+    """The analytic weights of multistep solver `name` on t_steps, in the `coefficients` form."""
+    _, table, corrector = multistep_tables(name, t_steps, compat, **options)
+    return coefficients_of(table, corrector)
+
+
+def _run_multistep(name, denoise, x, t_steps, afs, denoise_to_zero, return_inters, compat, coefficients, **options):
+    ts = tuple(_floats(t_steps))
+    opts = _validated(name, compat, ts, **options)
+    form, table, corrector = MULTISTEP[name](ts, compat, **opts)
+    table, corrector = with_coefficients(table, corrector, coefficients)
+    return _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters, corrector=corrector,
+                      thresholding=opts.get('thresholding', False))
+
+
+def _eps_table(key):
+    return lambda ts, compat, max_order, **kw: ('eps', tables(compat)[key](ts, int(max_order)), None)
+
+
+MULTISTEP['ipndm'] = _eps_table('ipndm')
+MULTISTEP['ipndm_v'] = _eps_table('ipndm_v')
+MULTISTEP['deis'] = lambda ts, compat, max_order, deis_mode: _eps_table('deis_' + deis_mode)(ts, compat, max_order)
+
+
 @register('ipndm', max_order_range=(1, 4), max_order=4)
 def ipndm(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
-          max_order=4):
+          max_order=4, coefficients=None):
     """Improved PNDM: Adams-Bashforth on d with the fixed equal-step weights, order growing with
     the history up to max_order (order max_order only on grids uniform in sigma)."""
-    ts = tuple(_floats(t_steps))
-    _validated('ipndm', compat, ts, max_order=max_order)
-    return _multistep(denoise, x, ts, tables(compat)['ipndm'](ts, int(max_order)), 'eps',
-                      afs, denoise_to_zero, return_inters)
+    return _run_multistep('ipndm', denoise, x, t_steps, afs, denoise_to_zero, return_inters, compat, coefficients,
+                          max_order=max_order)
 
 
 @register('ipndm_v', max_order_range=(1, 4), max_order=4)
 def ipndm_v(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
-            max_order=4):
+            max_order=4, coefficients=None):
     """iPNDM with variable steps: the Adams-Bashforth weights of the actual step sizes (the
     integral over the step of the polynomial through the last max_order slopes, in sigma)."""
-    ts = tuple(_floats(t_steps))
-    _validated('ipndm_v', compat, ts, max_order=max_order)
-    table = tables(compat)['ipndm_v'](ts, int(max_order))
-    return _multistep(denoise, x, ts, table, 'eps', afs, denoise_to_zero, return_inters)
+    return _run_multistep('ipndm_v', denoise, x, t_steps, afs, denoise_to_zero, return_inters, compat, coefficients,
+                          max_order=max_order)
 
 
 @register('deis', max_order_range=(1, 4), max_order=4, deis_mode='tab')
 def deis(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
-         max_order=4, deis_mode='tab'):
+         max_order=4, deis_mode='tab', coefficients=None):
     """DEIS: exponential integrator with the noise prediction interpolated by a polynomial.
     'tab': polynomial in VP time (the time_uniform map over this schedule's sigma range),
     integrated against the exponential-integrator weight, which in EDM variables is dsigma/dt
     (quadrature). 'rhoab': polynomial in rho = sigma, integrated exactly (this equals ipndm_v)."""
-    ts = tuple(_floats(t_steps))
-    _validated('deis', compat, ts, max_order=max_order, deis_mode=deis_mode)
-    table = tables(compat)['deis_' + deis_mode](ts, int(max_order))
-    return _multistep(denoise, x, ts, table, 'eps', afs, denoise_to_zero, return_inters)
+    return _run_multistep('deis', denoise, x, t_steps, afs, denoise_to_zero, return_inters, compat, coefficients,
+                          max_order=max_order, deis_mode=deis_mode)
 
 
 def _form(predict_x0):
     return 'x0' if predict_x0 else 'eps'
 
 
+def _dpmpp_tables(ts, compat, max_order, predict_x0, lower_order_final, thresholding):
+    form = _form(predict_x0)
+    return form, tables(compat)['dpmpp'](ts, int(max_order), form, bool(lower_order_final)), None
+
+
+def _unipc_tables(ts, compat, max_order, predict_x0, lower_order_final, variant, thresholding):
+    form = _form(predict_x0)
+    return (form, *tables(compat)['unipc'](ts, int(max_order), form, variant, bool(lower_order_final)))
+
+
+MULTISTEP['dpmpp'] = _dpmpp_tables
+MULTISTEP['unipc'] = _unipc_tables
+
+
 @register('dpmpp', max_order_range=(1, 3), max_order=3, predict_x0=True, lower_order_final=True,
           thresholding=False)
 def dpmpp(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
-          max_order=3, predict_x0=True, lower_order_final=True, thresholding=None):
+          max_order=3, predict_x0=True, lower_order_final=True, thresholding=None, coefficients=None):
     """DPM-Solver++ multistep (orders 1-3), data prediction (predict_x0) or noise prediction.
     Order 3 integrates the quadratic interpolant exactly (not the published 3M update, which
     compat='gits-main' uses; see solver_utils.dpmpp_table). thresholding (data prediction only;
     default off, on with compat): dynamic thresholding of every data prediction."""
-    ts = tuple(_floats(t_steps))
-    opts = _validated('dpmpp', compat, ts, max_order=max_order, predict_x0=predict_x0,
-                      lower_order_final=lower_order_final, thresholding=thresholding)
-    form = _form(predict_x0)
-    table = tables(compat)['dpmpp'](ts, int(max_order), form, bool(lower_order_final))
-    return _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters,
-                      thresholding=opts['thresholding'])
+    return _run_multistep('dpmpp', denoise, x, t_steps, afs, denoise_to_zero, return_inters, compat, coefficients,
+                          max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
+                          thresholding=thresholding)
 
 
 @register('unipc', max_order_range=(1, 3), max_order=3, predict_x0=True,
           lower_order_final=True, variant='bh2', thresholding=False)
 def unipc(denoise, x, t_steps, *, afs=False, denoise_to_zero=False, return_inters=False, compat=None,
-          max_order=3, predict_x0=True, lower_order_final=True, variant='bh2', thresholding=None):
+          max_order=3, predict_x0=True, lower_order_final=True, variant='bh2', thresholding=None, coefficients=None):
     """UniPC: UniP-p predictor and UniC-p corrector (orders 1-3), variants bh1/bh2. The corrector
     reuses the evaluation at the predicted point, which also serves the next step (ours: no
     corrector after the last step). thresholding as in dpmpp."""
-    ts = tuple(_floats(t_steps))
-    opts = _validated('unipc', compat, ts, max_order=max_order, predict_x0=predict_x0,
-                      lower_order_final=lower_order_final, variant=variant, thresholding=thresholding)
-    form = _form(predict_x0)
-    pred, corr = tables(compat)['unipc'](ts, int(max_order), form, variant, bool(lower_order_final))
-    return _multistep(denoise, x, ts, pred, form, afs, denoise_to_zero, return_inters, corrector=corr,
-                      thresholding=opts['thresholding'])
+    return _run_multistep('unipc', denoise, x, t_steps, afs, denoise_to_zero, return_inters, compat, coefficients,
+                          max_order=max_order, predict_x0=predict_x0, lower_order_final=lower_order_final,
+                          variant=variant, thresholding=thresholding)

@@ -261,6 +261,44 @@ def _with_interior(t_steps, u):
     return out
 
 
+# Learned coefficients (issue 29, refine_schedule(coefficients=True)): the fit's parameters are
+# the interior log sigmas followed by one offset per weight of the solver's table (predictor, and
+# for unipc corrector), relative to the analytic weights at the current schedule and in units of
+# the step's own size (the sum of its analytic predictor weights: the step h in noise prediction,
+# 1 - t_{i+1}/t_i in data prediction), so that every column has the size of a change of the step
+# and offset 0 is the analytic solver. A weight of step i changes the run only from x_{i+1} on, so
+# its Jacobian column replays the base run up to there (_Replay) and pays only the evaluations
+# after it: the last step's weights cost nothing, and the last step's update is linear in them.
+
+FD_STEP_COEFFICIENT = 1e-2    # finite-difference step of an offset (relative to its step's size)
+SCHEDULE_SHARE = 0.5          # of the budget left after the starts: the points alone, before the joint fit
+COEFFICIENT_BATCH = 256       # trajectories per Jacobian of the joint fit: with BATCH's 64 its steps, fitted to
+                              # a quarter of the set, stalled (gmm, unipc, NFE 3: held-out error unchanged)
+
+
+def coefficient_slots(analytic):
+    """(part, step, k) of every weight of an analytic `coefficients` table, in parameter order."""
+    return [(part, i, k) for part in ('predictor', 'corrector') for i, row in enumerate(analytic.get(part) or [])
+            if row is not None for k in range(len(row))]
+
+
+def learned_coefficients(solver, t_steps, options, offsets):
+    """The `coefficients` table at t_steps: the analytic weights plus offsets times the step sizes."""
+    analytic = solvers.analytic_coefficients(solver, t_steps, **options)
+    sizes = [sum(row) for row in analytic['predictor']]
+    out = {part: [None if row is None else list(row) for row in rows] for part, rows in analytic.items()}
+    for (part, i, k), value in zip(coefficient_slots(analytic), offsets.tolist()):
+        out[part][i][k] += sizes[i] * value
+    return out
+
+
+def _with_coefficients(options, solver, t_steps, offsets):
+    """The solver options of a run at (t_steps, offsets); offsets None: the analytic solver."""
+    if offsets is None:
+        return options
+    return dict(options, coefficients=learned_coefficients(solver, t_steps, options, offsets))
+
+
 def _ordered(t_steps):
     """Strictly decreasing, with at least MIN_GAP between neighbours in log sigma."""
     return bool((t_steps[:-1].log() - t_steps[1:].log() >= MIN_GAP).all())
@@ -282,11 +320,12 @@ def _irls_terms(jac, res):
     return torch.cat([gram[:p, :p].flatten(), gram[:p, p]]) * weight
 
 
-def _normal_equations(data, t_steps, solver, options, afs, lo, hi):
+def _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets=None):
     """IRLS normal equations (A, g) of the residuals on trajectories [lo, hi) at t_steps, summed
     over trajectories in global-index order (so independent of batches and processes); and the
     evaluations spent on this rank. A = sum J_i^T J_i / |r_i|, g = sum J_i^T r_i / |r_i|, with
-    J_i the forward-difference Jacobian of r_i in the interior log sigmas."""
+    J_i the forward-difference Jacobian of r_i in the interior log sigmas (and, with `offsets`,
+    in the coefficient offsets after them)."""
     u = t_steps[1:-1].log().to(torch.float64)
     gaps = torch.minimum(t_steps[:-2].log() - u, u - t_steps[2:].log()).to(torch.float64)
     steps = FD_STEP * gaps
@@ -294,33 +333,45 @@ def _normal_equations(data, t_steps, solver, options, afs, lo, hi):
     for rnd, a, b in _slices(data, lo, hi):
         tape = solver_utils.Recorder(rnd.denoise, keep=True)
         target = rnd.xs[-1, a:b].to(torch.float64).flatten(1)
-        base = _run(tape, rnd, a, b, t_steps, solver, options, afs).to(torch.float64).flatten(1)
+        base = _run(tape, rnd, a, b, t_steps, solver, _with_coefficients(options, solver, t_steps, offsets),
+                    afs).to(torch.float64).flatten(1)
         evals += tape.evals
         columns = []
+
+        def column(ts, opts, step):
+            nonlocal evals
+            replay = _Replay(rnd.denoise, tape)
+            x = _run(replay, rnd, a, b, ts, solver, opts, afs)
+            evals += replay.evals
+            columns.append((x.to(torch.float64).flatten(1) - base) / step)
         for k in range(len(u)):
             moved = u.clone()
             moved[k] += steps[k]
-            replay = _Replay(rnd.denoise, tape)
-            x = _run(replay, rnd, a, b, _with_interior(t_steps, moved), solver, options, afs)
-            evals += replay.evals
-            columns.append((x.to(torch.float64).flatten(1) - base) / steps[k])
+            moved_ts = _with_interior(t_steps, moved)
+            column(moved_ts, _with_coefficients(options, solver, moved_ts, offsets), steps[k])
+        for k in range(0 if offsets is None else len(offsets)):
+            moved = offsets.clone()
+            moved[k] += FD_STEP_COEFFICIENT
+            column(t_steps, _with_coefficients(options, solver, t_steps, moved), FD_STEP_COEFFICIENT)
         jac = torch.stack(columns, dim=-1)                             # [rows, D, P]
         res = base - target                                            # [rows, D]
         rows.extend((rnd.first + a + m, _irls_terms(jac[m], res[m])) for m in range(b - a))
     total = dist.gather_in_order(rows).sum(0)
-    p = len(u)
+    p = len(u) + (0 if offsets is None else len(offsets))
     return total[:p * p].reshape(p, p), total[p * p:], evals
 
 
-def _lm_step(t_steps, A, g, damping):
-    """The Levenberg-Marquardt step from t_steps, shortened until the points stay ordered."""
+def _lm_step(t_steps, A, g, damping, offsets=None):
+    """The Levenberg-Marquardt step from t_steps (and the coefficient offsets, if any), shortened
+    until the points stay ordered: the new t_steps, or (t_steps, offsets) with offsets; None if
+    no shortened step keeps them ordered."""
     u = t_steps[1:-1].log().to(torch.float64)
     scale = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max().clamp_min(1e-30)))
     delta = -torch.linalg.solve(A + damping * torch.diag(scale), g)
     for _ in range(20):
-        trial = _with_interior(t_steps, u + delta)
+        trial = _with_interior(t_steps, u + delta[:len(u)])
         if _ordered(trial):
-            return trial
+            return trial if offsets is None else (trial, offsets + delta[len(u):])
         delta = delta / 2
     return None
 
@@ -351,16 +402,22 @@ def finalists(errors, width=2.0):
     return sorted(out, key=lambda k: float(errors[k].mean()))
 
 
-def refine_schedule(data, check, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=BATCH,
-                    max_steps=100):
+def refine_schedule(data, check, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=None,
+                    max_steps=100, coefficients=False):
     """Refine the best of `inits` ({name: t_steps}, equal lengths): the starts are compared on the
     warm-up trajectories `data` with global index >= exclude (those no search fitted) together with
     the teacher rounds `check`, then Levenberg-Marquardt steps (see above) fit all of `data`, and
     `check` (trajectories no step has seen) decides whether the result is kept. `budget`: the most
     denoiser evaluations to spend, all processes and stages together (None: no limit); a step is
-    only started if the budget also affords the check. Returns (t_steps, info)."""
+    only started if the budget also affords the check. coefficients=True (multistep solvers): the
+    points alone are fitted first (SCHEDULE_SHARE of the budget left after the starts), then the
+    solver's weights together with the points (offsets from the analytic ones, see
+    learned_coefficients; `batch` is then the joint fit's, default COEFFICIENT_BATCH), and
+    info['coefficients'] holds the kept table (None when the check rejects the result: the start is
+    returned, with the analytic weights; or when no joint step was accepted). Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
+    batch = batch or (COEFFICIENT_BATCH if coefficients else BATCH)
     total = dist.sum_over_ranks(sum(r.size for r in data))
     check_size = dist.sum_over_ranks(sum(r.size for r in check))
     compared_from = exclude if exclude < total else 0
@@ -368,12 +425,12 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     nfe = solvers.count_nfe(solver, points, afs)
     spent = 0
 
-    def affordable(evals):
-        return budget is None or spent + evals <= budget
+    def affordable(evals, limit=budget):
+        return limit is None or spent + evals <= limit
 
-    def errors(ts, rounds):
+    def errors(ts, rounds, offsets=None):
         nonlocal spent
-        e, evals = warmup_errors(rounds, ts, solver, options, afs)
+        e, evals = warmup_errors(rounds, ts, solver, _with_coefficients(options, solver, ts, offsets), afs)
         spent += dist.sum_over_ranks(evals)
         return e
 
@@ -397,36 +454,47 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     t_steps = inits[start].clone()
     value = float(start_errors[start].mean())
     check_cost = nfe * check_size * (1 + int(start not in start_check))     # the result (and start) on it
-    trace, damping, failures, cursor = [], 1e-2, 0, 0
-    while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
-        lo = cursor % total
-        hi = min(total, lo + batch)
-        cursor = hi
-        if not affordable(nfe * (hi - lo) * (points - 1) + nfe * total + check_cost):
-            break                        # a Jacobian and one trial step, keeping the check affordable
-        A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi)
-        spent += dist.sum_over_ranks(evals)
-        accepted = False
-        while affordable(nfe * total + check_cost):
-            trial = _lm_step(t_steps, A, g, damping)
-            if trial is None:
+    trace, offsets, joint_from = [], None, None
+    phases = [(None, batch, nfe * (points - 1), budget)]     # (offsets, batch, Jacobian cost a trajectory, budget)
+    if coefficients:        # the points alone first (cheap steps), then points and weights together
+        slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options))
+        joint_cost = nfe * (points - 1) + sum(nfe - i for _, i, _ in slots)   # a weight of step i: the evaluations after it
+        first = None if budget is None else spent + int(SCHEDULE_SHARE * (budget - spent))
+        phases = [(None, BATCH, nfe * (points - 1), first),
+                  (torch.zeros(len(slots), dtype=torch.float64), batch, joint_cost, budget)]
+    for offsets, batch, jacobian_cost, limit in phases:
+        damping, failures, cursor = 1e-2, 0, 0
+        joint_from = len(trace) if offsets is not None else joint_from
+        while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
+            lo = cursor % total
+            hi = min(total, lo + batch)
+            cursor = hi
+            if not affordable(jacobian_cost * (hi - lo) + nfe * total + check_cost, limit):
+                break                        # a Jacobian and one trial step, keeping the check affordable
+            A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets)
+            spent += dist.sum_over_ranks(evals)
+            accepted = False
+            while affordable(nfe * total + check_cost, limit):
+                trial = _lm_step(t_steps, A, g, damping, offsets)
+                if trial is None:
+                    damping *= 10
+                    break
+                trial_ts, trial_offsets = (trial, None) if offsets is None else trial
+                trial_value = float(errors(trial_ts, data, trial_offsets).mean())
+                if trial_value < value:
+                    trace.append((value, trial_value))
+                    t_steps, offsets, value, accepted = trial_ts, trial_offsets, trial_value, True
+                    damping = max(damping / 3, 1e-6)
+                    break
                 damping *= 10
-                break
-            trial_value = float(errors(trial, data).mean())
-            if trial_value < value:
-                trace.append((value, trial_value))
-                t_steps, value, accepted = trial, trial_value, True
-                damping = max(damping / 3, 1e-6)
-                break
-            damping *= 10
-            if damping > 1e4:
-                break
-        failures = 0 if accepted else failures + 1
+                if damping > 1e4:
+                    break
+            failures = 0 if accepted else failures + 1
     verdict, kept = None, False
     if trace:
         if start not in start_check:
             start_check[start] = errors(inits[start], check)
-        refined_check = errors(t_steps, check)
+        refined_check = errors(t_steps, check, offsets)
         kept, gain, se = check_verdict(start_check[start], refined_check)
         verdict = dict(size=check_size, start=float(start_check[start].mean()), refined=float(refined_check.mean()),
                        gain=gain, se=se)
@@ -435,10 +503,16 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
     info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace,
                 check=verdict, kept=kept, evals=spent, budget=budget, fit=total, compared_from=compared_from)
+    if coefficients:
+        learned = kept and offsets is not None and bool(offsets.any())
+        info.update(coefficients=learned_coefficients(solver, t_steps, options, offsets) if learned else None,
+                    offsets=offsets.tolist() if offsets is not None else None,
+                    joint_steps=len(trace) - joint_from if joint_from is not None else 0)
     return t_steps, info
 
 
-def refine_found(data, check, t_tea, found, points, solver, options, afs=False, budget=None, timing=None):
+def refine_found(data, check, t_tea, found, points, solver, options, afs=False, budget=None, timing=None,
+                 coefficients=False):
     """Refine from the searched paths `found` ({name: indices into t_tea}, those of `points`
     points) and the fixed schedules. The starts are compared on the trajectories the solver-aware
     DP did not price (if it is among them). Returns (inits, t_steps, info)."""
@@ -446,7 +520,8 @@ def refine_found(data, check, t_tea, found, points, solver, options, afs=False, 
     for kind, rho in FIXED_SCHEDULES:
         inits[kind] = schedules.get_schedule(points, float(t_tea[-1]), float(t_tea[0]), kind, rho)
     exclude = STUDENT_SUBSET if 'student' in inits else 0
-    t_steps, info = refine_schedule(data, check, inits, solver, options, afs, budget, timing, exclude=exclude)
+    t_steps, info = refine_schedule(data, check, inits, solver, options, afs, budget, timing, exclude=exclude,
+                                    coefficients=coefficients)
     return inits, t_steps, info
 
 
@@ -484,7 +559,7 @@ def refinement_check(check_rounds, t_tea, solver_tea, teacher_options, teacher_e
 def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, schedule_type='polynomial',
                   schedule_rho=7.0, solver_tea=gits.SOLVER_TEA, num_steps_tea=gits.NUM_STEPS_TEA, metric=gits.METRIC, coeff=gits.COEFF, afs=False,
                   solver=None, model=None, all_num_steps=None, search='gits', refine=False, refine_budget=REFINE_BUDGET,
-                  student_grid=21, compat=None, denoise_to_zero=False, **options):
+                  student_grid=21, compat=None, denoise_to_zero=False, refine_coefficients=False, **options):
     """gits.search_rounds with the solver-aware search and refinement. search='gits': the paper's
     Euler-step cost matrix and DP (with afs, plus its free step); 'student': the solver-aware DP
     (with afs, the first step's afs is priced, and the path has one more step at the same NFE).
@@ -493,19 +568,25 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     teacher runs of `check_rounds` (this rank's (first, denoise, noise) of the check seeds, indexed
     from 0) confirm it; their teacher evaluations come out of that budget. Returns
     ({num_steps: t_steps}, info). compat and denoise_to_zero go to gits.search_rounds (compat is
-    the paper's search only)."""
+    the paper's search only). refine_coefficients: the refinement also fits the solver's weights
+    (a multistep solver's; info['refined'][n]['coefficients'] holds those kept, None if rejected)."""
     if search not in SEARCH_MODES:
         raise ValueError(f'--search: unknown mode "{search}"; choose one of {", ".join(SEARCH_MODES)}')
     paper = dict(num_steps=num_steps, sigma_min=sigma_min, sigma_max=sigma_max, schedule_type=schedule_type,
                  schedule_rho=schedule_rho, solver_tea=solver_tea, num_steps_tea=num_steps_tea, afs=afs, solver=solver,
                  model=model, all_num_steps=all_num_steps)
+    if refine_coefficients and not refine:
+        raise ValueError('--refine_coefficients: needs --refine=True (the coefficients are fitted by the refinement)')
+    if refine_coefficients and solver is not None and solver not in solvers.MULTISTEP:
+        raise ValueError(f'--refine_coefficients: only the multistep solvers have coefficients to learn: '
+                         f'{", ".join(solvers.MULTISTEP)}')
     if search == 'gits' and not refine:
         return gits.search_rounds(rounds, **paper, metric=metric, coeff=coeff, compat=compat,
                                   denoise_to_zero=denoise_to_zero, **options)
     if search == 'rotation':
         return rotation.search_rounds(rounds, paper, refine, compat, **options)
     if compat is not None:
-        flag = '--refine' if refine else '--search'
+        flag = '--refine_coefficients' if refine_coefficients else '--refine' if refine else '--search'
         raise ValueError(f'{flag}: the solver-aware search and refinement are not in the paper\'s code; '
                          f'drop {flag} or --compat={compat}')
     # The paper's teacher runs (their cost matrices wanted only for the GITS schedule a refinement starts from).
@@ -540,7 +621,7 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
         t_steps = t_tea[path].clone() if path is not None else None
         if refine:
             _, t_steps, refined[str(n)] = refine_found(data, check, t_tea, found, n + extra, solver, options, afs,
-                                                       budget, timing)
+                                                       budget, timing, coefficients=refine_coefficients)
         if t_steps is None:
             raise ValueError(f'--num_steps: no {search} schedule of {n} points on this teacher grid')
         schedules[n] = t_steps

@@ -71,6 +71,8 @@ FIXED = dict(student_search.FIXED_SCHEDULES)
 MODES = ('baseline', 'best_fixed', 'gits', 'student', 'rotation', 'refined')
 PEER = ('unipc', 'gits')           # issue 16's reference: UniPC on the paper's schedule
 TARGET_RATIO = 0.7                 # issue 16: the best refined solver must beat the peer by 30%
+LEARNED_GOALS = dict(vs_refined=0.6, vs_refined_nfes=(3, 4, 5, 6), not_worse_nfes=(8, 10), vs_peer=0.5,
+                     vs_peer_nfes=(4, 5, 6, 8, 10), wall_time=3.0)    # issue 29
 
 
 # ----------------------------------------------------------------------------------------------
@@ -90,8 +92,11 @@ def layout(solver, nfe):
     return steps + 1, afs
 
 
-def held_out(model, lat, ref, t_steps, solver, options, afs):
-    """Per-seed RMSE [E] of the solver on t_steps against the exact solution."""
+def held_out(model, lat, ref, t_steps, solver, options, afs, coefficients=None):
+    """Per-seed RMSE [E] of the solver on t_steps (with `coefficients`, learned weights) against
+    the exact solution."""
+    if coefficients is not None:
+        options = dict(options, coefficients=coefficients)
     with torch.no_grad():
         x = solvers.SOLVERS[solver](model.denoise, lat * float(t_steps[0]), t_steps, afs=afs, **options)
     return misc.per_seed_rmse(x, ref)
@@ -137,6 +142,57 @@ def student_found(ctx, points, solver, options, afs):
     return paths.get(points), evals, time.perf_counter() - t0
 
 
+# Recipes beyond today's refinement, each measured per cell beside it: name -> Recipe. A recipe
+# gets the cell's searched paths and budget (the same warm-up and check sets as the refinement),
+# and returns (t_steps, coefficients or None, its info). It is compared with the refined schedule
+# (same solver) and with the peer on the held-out seeds, paired.
+
+class Recipe:
+    def __init__(self, applies, run, label):
+        self.applies, self.run, self.label = applies, run, label
+
+
+def learned_recipe(ctx, solver, options, afs, found, points, budget):
+    """Issue 29: the refinement fitting the solver's weights with the points (refine_found with
+    coefficients=True), from the same starts and with the same budget."""
+    _, t_steps, info = student_search.refine_found(ctx.data, ctx.check, ctx.t_tea, found, points, solver, options,
+                                                   afs, budget, {}, coefficients=True)
+    return t_steps, info['coefficients'], info
+
+
+RECIPES = {
+    'learned': Recipe(lambda solver: solver in solvers.MULTISTEP, learned_recipe, 'learned coefficients'),
+}
+
+
+def budget_error(e, solver, nfe, budget):
+    if not str(e).startswith('--refine_budget'):
+        raise e
+    raise dnnlib.util.UserError(f'{e} ({solver}, NFE {nfe}: {budget} evaluations left)')
+
+
+def run_recipes(ctx, solver, nfe, options, afs, found, points, budget, errors):
+    """Every recipe of --recipes that applies to `solver`: its held-out errors go into `errors`
+    (under its name); returns {name: record}."""
+    out = {}
+    for name in ctx.opts.recipe_list:
+        recipe = RECIPES[name]
+        if not recipe.applies(solver):
+            continue
+        t0 = time.perf_counter()
+        try:
+            t_steps, coefficients, info = recipe.run(ctx, solver, options, afs, found, points, budget)
+        except ValueError as e:
+            budget_error(e, solver, nfe, budget)
+        seconds = time.perf_counter() - t0
+        errors[name] = held_out(ctx.model, ctx.latents, ctx.ref, t_steps, solver, options, afs, coefficients)
+        vs_refined = paired(errors[name], errors['refined'])
+        out[name] = dict(rmse=stats(errors[name]), ratio_refined=float(errors[name].mean() / errors['refined'].mean()),
+                         vs_refined=vs_refined, outcome=outcome(info), refine=info, seconds=seconds, evals=info['evals'],
+                         budget=budget, schedule=schedules.format_t_steps(t_steps), coefficients=coefficients)
+    return out
+
+
 def run_cell(ctx, solver, nfe):
     """Searches, refinement and held-out errors of one (solver, NFE). Returns (row for the JSON,
     per-seed held-out errors {mode: [E]})."""
@@ -152,9 +208,7 @@ def run_cell(ctx, solver, nfe):
         inits, refined, info = student_search.refine_found(ctx.data, ctx.check, ctx.t_tea, found, points, solver,
                                                            options, afs, budget, {})
     except ValueError as e:
-        if not str(e).startswith('--refine_budget'):
-            raise
-        raise dnnlib.util.UserError(f'{e} ({solver}, NFE {nfe}: {budget} evaluations left)')
+        budget_error(e, solver, nfe, budget)
     refine_seconds = time.perf_counter() - t0
 
     # Every fixed schedule is measured even if the refinement could not afford to compare it; the
@@ -175,7 +229,9 @@ def run_cell(ctx, solver, nfe):
     vs = dict(start=best_start, compared=best_start in info['start_objectives'],
               **paired(errors['refined'], errors[best_start]))
     vs['verdict'] = verdict(vs)
-    row = dict(points=points, afs=afs, best_fixed=best_fixed, rmse={k: stats(e) for k, e in errors.items()},
+    rmse = {k: stats(e) for k, e in errors.items()}
+    recipes = run_recipes(ctx, solver, nfe, options, afs, found, points, budget, errors)
+    row = dict(points=points, afs=afs, best_fixed=best_fixed, rmse=rmse, recipes=recipes,
                vs_best_start=vs, rotation_vs_gits=paired(errors['rotation'], errors['gits']), outcome=outcome(info), refine=info,
                cost=dict(student_evals=student_evals, student_seconds=student_seconds, afs_evals=afs_evals,
                          afs_seconds=afs_seconds, check_evals=ctx.check_evals, refine_evals=info['evals'],
@@ -226,7 +282,10 @@ def run_dataset(name, opts):
             r, vs = rows[nfe]['rmse'], rows[nfe]['vs_best_start']
             print(f'[{name}] {solver:8s} NFE {nfe:2d}: ' + '  '.join(f'{k} {r[k]["mean"]:.4f}' for k in MODES if k in r) +
                   f'  (from {rows[nfe]["refine"]["start"]}, {rows[nfe]["outcome"]}; vs {vs["start"]} '
-                  f'{vs["diff"]:+.2g} ({vs["se"]:.2g}) {vs["verdict"]})', flush=True)
+                  f'{vs["diff"]:+.2g} ({vs["se"]:.2g}) {vs["verdict"]})' +
+                  ''.join(f'  {k} {v["rmse"]["mean"]:.4f} (x{v["ratio_refined"]:.2f} refined, {v["outcome"]}, '
+                          f'{v["seconds"]:.1f}s vs {rows[nfe]["cost"]["refine_seconds"]:.1f}s)'
+                          for k, v in rows[nfe]['recipes'].items()), flush=True)
         out['solvers'][solver] = rows
     out['quality'] = quality(per_seed, opts.nfe_list)
     return out
@@ -255,7 +314,24 @@ def quality(per_seed, nfe_list):
         best = min(refined, key=lambda s: float(refined[s].mean()))
         out[nfe] = dict(peer=stats(peer) if peer is not None else None,
                         unipc_refined=against_peer(refined[PEER[0]], peer) if PEER[0] in refined else None,
-                        best_refined=dict(solver=best, **against_peer(refined[best], peer)))
+                        best_refined=dict(solver=best, **against_peer(refined[best], peer)),
+                        recipes=recipe_quality(per_seed, nfe, peer, refined[best]))
+    return out
+
+
+def recipe_quality(per_seed, nfe, peer, best_refined):
+    """Per recipe: the solver where it is best at this NFE, against the peer and against the best
+    refined schedule of any solver (paired: the evaluation seeds are shared)."""
+    out = {}
+    for name in RECIPES:
+        got = {s: e[name] for (s, n), e in per_seed.items() if n == nfe and name in e}
+        if not got:
+            continue
+        best = min(got, key=lambda s: float(got[s].mean()))
+        d = paired(got[best], best_refined)
+        out[name] = dict(solver=best, **against_peer(got[best], peer),
+                         ratio_refined=float(got[best].mean() / best_refined.mean()),
+                         diff_refined=d['diff'], diff_refined_se=d['se'])
     return out
 
 
@@ -276,10 +352,40 @@ def summarize(results):
         r, m, n = max(ratios)
         return dict(ratio=r, model=m, nfe=n)
     best = worst('best_refined')
-    return dict(cells=len(cells), losses=len(losses), loss_cells=losses, kept=outcomes.count('kept'),
+    goals = {name: recipe_goals(results, name) for name in RECIPES
+             if any(name in q.get('recipes', {}) for res in results.values() for q in res['quality'].values())}
+    return dict(recipes=goals, cells=len(cells), losses=len(losses), loss_cells=losses, kept=outcomes.count('kept'),
                 rejected=outcomes.count('rejected'), no_step=outcomes.count('no step'), over_budget=over,
                 worst_unipc_refined=worst('unipc_refined'), worst_best_refined=best, target_ratio=TARGET_RATIO,
                 all_best_within_target=None if best is None else best['ratio'] <= TARGET_RATIO)
+
+
+def recipe_goals(results, name, goals=LEARNED_GOALS):
+    """Issue 29's goals for recipe `name` (its best solver per model and NFE): at most
+    goals['vs_refined'] times the best refined schedule's error at the small NFEs, never worse than
+    it by more than one paired SE at NFE 8 and 10, at most goals['vs_peer'] times the peer's from
+    NFE 4 on; and its fit's wall time against the refinement's on gmm (all its cells)."""
+    cells = [dict(model=m, nfe=int(n), **q['recipes'][name]) for m, res in results.items()
+             for n, q in res['quality'].items() if name in q.get('recipes', {})]
+
+    def failing(nfes, ok):
+        return [dict(model=c['model'], nfe=c['nfe'], solver=c['solver'], ratio_refined=c['ratio_refined'],
+                     ratio_peer=c['ratio'], diff_refined=c['diff_refined'], diff_refined_se=c['diff_refined_se'])
+                for c in cells if c['nfe'] in nfes and not ok(c)]
+    vs_refined = failing(goals['vs_refined_nfes'], lambda c: c['ratio_refined'] <= goals['vs_refined'])
+    not_worse = failing(goals['not_worse_nfes'], lambda c: c['diff_refined'] <= c['diff_refined_se'])
+    vs_peer = failing(goals['vs_peer_nfes'], lambda c: c['ratio'] is not None and c['ratio'] <= goals['vs_peer'])
+    rows = [row for solver_rows in results.get('gmm', {}).get('solvers', {}).values() for row in solver_rows.values()
+            if name in row.get('recipes', {})]
+    fit = sum(r['recipes'][name]['seconds'] for r in rows)
+    refine = sum(r['cost']['refine_seconds'] for r in rows)
+    wall = fit / refine if rows and refine > 0 else None
+    return dict(cells=len(cells), goals=dict(goals), vs_refined_failing=vs_refined, not_worse_failing=not_worse,
+                vs_peer_failing=vs_peer, gmm_fit_seconds=fit, gmm_refine_seconds=refine, gmm_wall_time_ratio=wall,
+                kept=sum(r['recipes'][name]['outcome'] == 'kept' for res in results.values()
+                         for rs in res['solvers'].values() for r in rs.values() if name in r.get('recipes', {})),
+                all_goals_met=bool(cells) and not (vs_refined or not_worse or vs_peer) and
+                wall is not None and wall <= goals['wall_time'])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -429,6 +535,64 @@ def has_rotation(results):
                for row in rows.values())
 
 
+def recipe_table(results, nfe_list, name):
+    """Recipe `name` (its best solver per model and NFE) against the best refined schedule and the
+    peer, held-out RMSE; ratios with the paired SE of the difference."""
+    lines = ['| model | NFE | peer: UniPC + GITS | best refined | ' + RECIPES[name].label + ' (best solver) | '
+             'ratio to refined (diff SE) | ratio to peer |', '|---|---|---|---|---|---|---|']
+    for model, res in results.items():
+        for nfe in nfe_list:
+            q = res['quality'][str(nfe)]
+            r = q.get('recipes', {}).get(name)
+            if r is None:
+                continue
+            peer = short(q['peer']['mean']) if q['peer'] is not None else 'n/a'
+            ratio_peer = f'{r["ratio"]:.2f}' if r['ratio'] is not None else 'n/a'
+            lines.append(f'| {model} | {nfe} | {peer} | {short(q["best_refined"]["mean"])} ({q["best_refined"]["solver"]}) | '
+                         f'{short(r["mean"])} ({r["solver"]}) | {r["ratio_refined"]:.2f} ({r["diff_refined_se"]:.2g}) | '
+                         f'{ratio_peer} |')
+    return '\n'.join(lines)
+
+
+def recipe_cells_table(res, nfe_list, name):
+    """Per solver and NFE of one model: the recipe against the refined schedule of the same
+    solver (paired), what its fit did, its evaluations and wall time against the refinement's."""
+    lines = ['| solver | NFE | refined | ' + RECIPES[name].label + ' | ratio | diff (SE) | fit | evals / budget | '
+             'seconds (refinement) |', '|---|---|---|---|---|---|---|---|---|']
+    for solver, rows in res['solvers'].items():
+        for nfe in nfe_list:
+            row = rows[str(nfe)]
+            r = row.get('recipes', {}).get(name)
+            if r is None:
+                continue
+            d = r['vs_refined']
+            lines.append(f'| {solver} | {nfe} | {short(row["rmse"]["refined"]["mean"])} | {short(r["rmse"]["mean"])} | '
+                         f'{r["ratio_refined"]:.2f} | {d["diff"]:+.2g} ({d["se"]:.2g}) | {r["outcome"]} '
+                         f'({r["refine"]["steps"]} steps) | {r["evals"]} / {r["budget"]} | '
+                         f'{r["seconds"]:.1f} ({row["cost"]["refine_seconds"]:.1f}) |')
+    return '\n'.join(lines)
+
+
+def recipe_summary(name, g):
+    def cells(failing):
+        return ''.join(f'\n  - {c["model"]} / NFE {c["nfe"]} ({c["solver"]}): x{c["ratio_refined"]:.2f} refined, '
+                       f'diff {c["diff_refined"]:+.2g} ({c["diff_refined_se"]:.2g}), '
+                       + (f'x{c["ratio_peer"]:.2f} peer' if c['ratio_peer'] is not None else 'no peer')
+                       for c in failing)
+    goals = g['goals']
+    wall = 'n/a' if g['gmm_wall_time_ratio'] is None else f'{g["gmm_wall_time_ratio"]:.2f}'
+    return '\n'.join([
+        f'- {name}: {g["cells"]} model x NFE cells; kept in {g["kept"]} solver cells',
+        f'- {name} > {goals["vs_refined"]} x best refined at NFE {", ".join(map(str, goals["vs_refined_nfes"]))}: '
+        f'{len(g["vs_refined_failing"])} cells' + cells(g['vs_refined_failing']),
+        f'- {name} worse than best refined by > 1 SE at NFE {", ".join(map(str, goals["not_worse_nfes"]))}: '
+        f'{len(g["not_worse_failing"])} cells' + cells(g['not_worse_failing']),
+        f'- {name} > {goals["vs_peer"]} x peer at NFE {", ".join(map(str, goals["vs_peer_nfes"]))}: '
+        f'{len(g["vs_peer_failing"])} cells' + cells(g['vs_peer_failing']),
+        f'- {name} fit wall time / refinement wall time on gmm: {wall} (goal <= {goals["wall_time"]})',
+        f'- {name}: every goal met: {g["all_goals_met"]}'])
+
+
 def wins(results):
     """Cells where the refined schedule beats the best of its starts by more than one paired SE."""
     return sum(row['vs_best_start']['diff'] < -row['vs_best_start']['se']
@@ -471,14 +635,27 @@ def markdown(record):
     if has_rotation(results):       # results written before the rotation schedule have none
         sections['rotation'] = ('The rotation schedule against GITS and the refined schedules (held-out RMSE; '
                                 'paired difference to GITS)', rotation_table(results, nfe_list))
-    sections['summary'] = ('Summary', summary_text(record['summary'], record['seconds'], wins(results)))
+    for name, goals in record['summary'].get('recipes', {}).items():
+        label = RECIPES[name].label
+        sections[name] = (f'{label}: best solver against the best refined schedule and the peer (held-out RMSE)',
+                          recipe_table(results, nfe_list, name))
+        for model, res in results.items():
+            sections[f'{model}-{name}'] = (f'{model}: {label} against the refined schedule of the same solver',
+                                           recipe_cells_table(res, nfe_list, name))
+    text = summary_text(record['summary'], record['seconds'], wins(results))
+    text += ''.join('\n' + recipe_summary(name, g) for name, g in record['summary'].get('recipes', {}).items())
+    sections['summary'] = ('Summary', text)
     return sections
 
 
 # ----------------------------------------------------------------------------------------------
 
-def check_options(datasets, solver_names, nfes, opts):
+def check_options(datasets, solver_names, nfes, opts, recipe_names=''):
     """Every usage error as one UserError line, before any work."""
+    opts.recipe_list = [r for r in recipe_names.split(',') if r]
+    for r in opts.recipe_list:
+        if r not in RECIPES:
+            raise dnnlib.util.UserError(f'--recipes: unknown recipe "{r}"; choose from {", ".join(RECIPES)}')
     opts.dataset_list = [d for d in datasets.split(',') if d]
     for d in opts.dataset_list:
         if d not in models.ANALYTIC:
@@ -506,7 +683,9 @@ def check_options(datasets, solver_names, nfes, opts):
 @click.command()
 @click.option('--datasets', default='digits,gmm,gmm_wavelet', show_default=True)
 @click.option('--solvers', 'solver_names', default=','.join(ALL_SOLVERS), show_default=True)
-@click.option('--nfes', default='5,6,8,10', show_default=True)
+@click.option('--nfes', default='3,4,5,6,8,10', show_default=True)
+@click.option('--recipes', 'recipe_names', default=','.join(RECIPES), show_default=True,
+              help='Recipes measured beside the refinement (empty: none)')
 @click.option('--num_warmup', type=click.IntRange(min=1), default=gits.NUM_WARMUP, show_default=True)
 @click.option('--num_eval', type=click.IntRange(min=2), default=512, show_default=True)
 @click.option('--warmup_seed', type=int, default=gits.WARMUP_SEED, show_default=True)
@@ -520,11 +699,11 @@ def check_options(datasets, solver_names, nfes, opts):
 @click.option('--threads', type=int, default=2, show_default=True)
 @click.option('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'gits.json'),
               show_default=True, help='JSON results; the markdown tables go next to it (.md)')
-def main(datasets, solver_names, nfes, **kw):
+def main(datasets, solver_names, nfes, recipe_names, **kw):
     """Schedule searches on the exact analytic models: RMSE to exact(), never-loses verdicts,
     quality against UniPC + GITS, and search cost."""
     opts = dnnlib.EasyDict(kw)
-    check_options(datasets, solver_names, nfes, opts)
+    check_options(datasets, solver_names, nfes, opts, recipe_names)
     torch.set_num_threads(opts.threads)
     start = time.perf_counter()
     results = {name: run_dataset(name, opts) for name in opts.dataset_list}

@@ -83,6 +83,9 @@ SLOW = {
     'test_rotation_schedule.py': ('test_rotation_search_is_deterministic_and_batch_invariant',
                                   'test_torchrun_two_processes_same_rotation_schedule',
                                   'test_rotation_search_on_a_diffusers_pipeline'),
+    'test_learned_coefficients.py': ('test_the_fit_lowers_its_objective_and_the_check_decides',
+                                     'test_schedule_files_with_coefficients_round_trip_into_run_json',
+                                     'test_mismatched_coefficient_files_are_refused_in_one_line'),
     'test_trajectory.py': ('test_analyze_digits_profile_and_figures', 'test_schedules_command_matches_gits_search',
                            'test_bad_flags_are_one_line_errors', 'test_throughput_benchmark_smoke'),
 }

@@ -17,27 +17,39 @@ from torch_utils.seeds import draw_seed_inputs
 
 def test_gits_benchmark_small_run(tmp_path):
     out = tmp_path / 'gits.json'
-    r = run_cli('benchmarks/gits.py', '--datasets=digits', '--solvers=ipndm,unipc', '--nfes=5,6', '--num_warmup=48',
+    r = run_cli('benchmarks/gits.py', '--datasets=digits', '--solvers=ipndm,unipc', '--nfes=3,6', '--num_warmup=48',
                 '--num_eval=16', '--num_steps_tea=21', '--threads=1', f'--out={out}')
     assert r.returncode == 0, r.stderr
     record = json.loads(out.read_text())
     assert (tmp_path / 'gits.md').read_text().strip() in r.stdout
     res = record['results']['digits']
     for solver in ('ipndm', 'unipc'):
-        for nfe in ('5', '6'):
+        for nfe in ('3', '6'):
             row = res['solvers'][solver][nfe]
             assert row['cost']['refine_evals'] <= row['cost']['refine_budget']
+            learned = row['recipes']['learned']          # issue 29: same budget, paired with the refined schedule
+            assert learned['evals'] <= learned['budget'] == row['cost']['refine_budget']
+            assert learned['outcome'] in ('kept', 'rejected', 'no step')
+            assert learned['ratio_refined'] == pytest.approx(learned['rmse']['mean'] / row['rmse']['refined']['mean'])
+            assert (learned['coefficients'] is not None) == (learned['outcome'] == 'kept' and
+                                                             any(learned['refine']['offsets']))
             vs = row['vs_best_start']
             assert vs['verdict'] == ('LOSS' if vs['diff'] > vs['se'] else 'ok')
             assert row['outcome'] in ('kept', 'rejected', 'no step')
-    for nfe in ('5', '6'):
+    for nfe in ('3', '6'):
         q = res['quality'][nfe]
+        best_learned = min(('ipndm', 'unipc'), key=lambda s: res['solvers'][s][nfe]['recipes']['learned']['rmse']['mean'])
+        assert q['recipes']['learned']['solver'] == best_learned
         peer = res['solvers']['unipc'][nfe]['rmse']['gits']['mean']
         assert q['peer']['mean'] == peer
         assert q['unipc_refined']['ratio'] == pytest.approx(res['solvers']['unipc'][nfe]['rmse']['refined']['mean'] / peer)
         best = min(res['solvers'], key=lambda s: res['solvers'][s][nfe]['rmse']['refined']['mean'])
         assert q['best_refined']['solver'] == best
     s = record['summary']
+    goals = s['recipes']['learned']
+    assert goals['cells'] == 2 and goals['gmm_wall_time_ratio'] is None      # no gmm in this run
+    assert goals['all_goals_met'] is False
+    assert '<!-- section:learned -->' in (tmp_path / 'gits.md').read_text()
     assert s['cells'] == 4 and s['losses'] == len(s['loss_cells'])
     assert s['kept'] + s['rejected'] + s['no_step'] == 4
 

@@ -1,0 +1,195 @@
+"""Issue 29: learned solver coefficients. The analytic table passed explicitly is today's solver bit
+for bit (and a changed weight changes the run exactly as the update says); the joint fit lowers its
+objective on the warm-up set and a result the check set does not confirm is rejected; schedule
+files with coefficients round-trip into sample.py and run.json, and mismatched files and
+inapplicable flags are refused in one line."""
+
+import json
+
+import pytest
+import torch
+
+import gits
+import run_schedule
+import sample
+import schedules
+import solvers
+import student_search
+from helpers import assert_one_line_error, run_here
+
+MULTISTEP = [('ipndm', dict(max_order=4)), ('ipndm', dict(max_order=2)), ('ipndm_v', dict(max_order=3)),
+             ('deis', dict(max_order=4)), ('deis', dict(max_order=2, deis_mode='rhoab')),
+             ('dpmpp', dict(max_order=3)), ('dpmpp', dict(max_order=2, predict_x0=False)),
+             ('unipc', dict(max_order=3)), ('unipc', dict(max_order=2, variant='bh1')), ('unipc', dict(max_order=1))]
+
+
+@pytest.mark.parametrize('afs', [False, True])
+@pytest.mark.parametrize('solver,options', MULTISTEP)
+def test_analytic_coefficients_passed_explicitly_are_bit_identical(gmm, solver, options, afs):
+    x = torch.randn(3, *gmm.shape, generator=torch.Generator().manual_seed(2)) * 80
+    ts = schedules.get_schedule(6, 0.002, 80, 'logsnr')
+    fn = solvers.SOLVERS[solver]
+    today = fn(gmm.denoise, x, ts, afs=afs, return_inters=True, **options)[1]
+    analytic = solvers.analytic_coefficients(solver, ts, **options)
+    assert json.loads(json.dumps(analytic)) == analytic           # what schedule files and run.json store
+    explicit = fn(gmm.denoise, x, ts, afs=afs, return_inters=True, coefficients=analytic, **options)[1]
+    assert torch.equal(explicit, today)
+    # The table is used: a changed last-step weight moves only the last point, by that change times
+    # the output it weights (the model output at the second-to-last point, in the solver's form).
+    changed = json.loads(json.dumps(analytic))
+    changed['predictor'][-1][0] += 0.25
+    moved = fn(gmm.denoise, x, ts, afs=afs, return_inters=True, coefficients=changed, **options)[1]
+    assert torch.equal(moved[:-1], today[:-1])
+    if solver == 'unipc':       # its newest output is the one at the predicted (uncorrected) point: linear in it
+        changed['predictor'][-1][0] += 0.25
+        twice = fn(gmm.denoise, x, ts, afs=afs, coefficients=changed, **options)
+        torch.testing.assert_close(twice - today[-1], 2 * (moved[-1] - today[-1]), rtol=1e-3, atol=1e-4)
+        assert (moved[-1] - today[-1]).abs().max() > 1e-3
+        return
+    D = gmm.denoise(today[-2], float(ts[-2]))
+    m = D if options.get('predict_x0', solver == 'dpmpp') else (today[-2] - D) / float(ts[-2])
+    torch.testing.assert_close(moved[-1] - today[-1], 0.25 * m, rtol=1e-4, atol=1e-5)
+
+
+def test_coefficient_tables_of_another_shape_are_refused(gmm):
+    x = torch.randn(2, *gmm.shape) * 80
+    ts = schedules.get_schedule(5, 0.002, 80)
+    order2 = solvers.analytic_coefficients('ipndm', ts, max_order=2)
+    with pytest.raises(ValueError, match='predictor step 2'):          # order 3 wants 3 weights on step 2
+        solvers.ipndm(gmm.denoise, x, ts, max_order=3, coefficients=order2)
+    with pytest.raises(ValueError, match='rows'):                      # a schedule of another length
+        solvers.ipndm(gmm.denoise, x, ts[1:], max_order=2, coefficients=order2)
+    with pytest.raises(ValueError, match='parts'):                     # unipc's table has a corrector
+        solvers.unipc(gmm.denoise, x, ts, max_order=2, coefficients=solvers.analytic_coefficients('dpmpp', ts, max_order=2))
+
+
+@pytest.fixture(scope='module')
+def fit_data(digits):
+    """32 warm-up trajectories in two rounds and 32 check ones (digits, 21-point teacher)."""
+    lat = torch.randn(64, *digits.shape, generator=torch.Generator().manual_seed(5), dtype=torch.float64)
+    t_tea = schedules.get_schedule(21, 0.002, 80)
+    data, _, teacher_evals = gits.run_teachers([(0, digits.denoise, lat[:20]), (20, digits.denoise, lat[20:32])], t_tea)
+    check, _, _ = gits.run_teachers([(0, digits.denoise, lat[32:])], t_tea)
+    return data, check, teacher_evals
+
+
+@pytest.mark.parametrize('solver', ['ipndm', 'unipc'])
+def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, monkeypatch):
+    data, check, teacher_evals = fit_data
+    options = solvers.resolve_options(solver, {})
+    inits = {kind: schedules.get_schedule(4, 0.002, 80, kind, rho) for kind, rho in student_search.FIXED_SCHEDULES}
+    budget = 6 * teacher_evals
+    ts, info = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
+                                              coefficients=True)
+    assert info['evals'] <= budget and info['steps'] >= 2
+    start = inits[info['start']]
+    # The objective on the warm-up set, recomputed from the result: below the start's, as the trace says.
+    offsets = torch.tensor(info['offsets'], dtype=torch.float64)
+    assert offsets.abs().max() > 0
+    slots = student_search.coefficient_slots(solvers.analytic_coefficients(solver, start, **options))
+    assert len(offsets) == len(slots) == sum(len(r) for part in ('predictor', 'corrector')
+                                             for r in solvers.analytic_coefficients(solver, start, **options).get(part, [])
+                                             if r is not None)
+    trace = info['trace']
+    assert all(after < before for before, after in trace)
+    assert info['kept'], info['check']            # digits at 3 steps: learned weights beat the start clearly
+    learned = info['coefficients']
+    assert learned != solvers.analytic_coefficients(solver, ts, **options)
+    fitted, _ = student_search.warmup_errors(data, ts, solver, dict(options, coefficients=learned))
+    begun, _ = student_search.warmup_errors(data, start, solver, options)
+    assert float(fitted.mean()) == pytest.approx(trace[-1][1], rel=1e-12)
+    assert float(fitted.mean()) < float(begun.mean())
+    assert trace[0][0] == pytest.approx(float(begun.mean()), rel=1e-12)
+    checked, _ = student_search.warmup_errors(check, ts, solver, dict(options, coefficients=learned))
+    assert float(checked.mean()) == pytest.approx(info['check']['refined'], rel=1e-12)
+    # The same fit, with a check set that does not confirm it: the start, analytic weights.
+    monkeypatch.setattr(student_search, 'check_verdict', lambda start, refined: (False, 0.0, 1.0))
+    ts2, info2 = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
+                                                coefficients=True)
+    assert info2['steps'] == info['steps'] and not info2['kept'] and info2['coefficients'] is None
+    assert torch.equal(ts2, start)
+
+
+def sample_cli(*args):
+    return run_here(sample.main, '--dataset_name=digits', *args)
+
+
+@pytest.fixture(scope='module')
+def learned_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp('learned') / 'learned.json'
+    r = sample_cli('--solver=unipc', '--max_order=2', '--dp=True', '--refine=True', '--refine_coefficients=True',
+                   '--num_steps=4', '--save_num_steps=3,4', '--num_warmup=16', '--num_steps_tea=13', '--refine_budget=40',
+                   f'--save_schedules={path}')
+    assert r.returncode == 0, r.stderr
+    assert 'with learned coefficients' in r.stdout or 'analytic coefficients' in r.stdout
+    return path
+
+
+def test_schedule_files_with_coefficients_round_trip_into_run_json(learned_file, tmp_path, digits):
+    record = json.loads(learned_file.read_text())
+    assert record['refine_coefficients'] is True and set(record['coefficients']) == {'3', '4'}
+    kept = {n: c for n, c in record['coefficients'].items() if c is not None}
+    assert kept, 'the search kept no learned coefficients'
+    n, table = next(iter(kept.items()))
+    out = tmp_path / 'out'
+    r = sample_cli('--solver=unipc', '--max_order=2', f'--schedule_file={learned_file}', f'--num_steps={n}',
+                   '--seeds=0-1', f'--outdir={out}')
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / 'run.json').read_text())
+    assert run['coefficients'] == table and run['t_steps'] == record['schedules'][n]
+    # The images are those of the learned table, not of the analytic one.
+    ts = torch.tensor(record['schedules'][n], dtype=torch.float64)
+    noise = torch.stack([torch.randn(*digits.shape, generator=torch.Generator().manual_seed(s)) for s in (0, 1)])
+    learned = solvers.unipc(digits.denoise, noise * ts[0], ts, max_order=2, coefficients=table)
+    analytic = solvers.unipc(digits.denoise, noise * ts[0], ts, max_order=2)
+    assert not torch.equal(learned, analytic)
+    # A folder of the same run with other coefficients is refused (they are part of the identity).
+    record['coefficients'][n] = solvers.analytic_coefficients('unipc', ts, max_order=2)
+    other = tmp_path / 'other.json'
+    other.write_text(json.dumps(record))
+    r = sample_cli('--solver=unipc', '--max_order=2', f'--schedule_file={other}', f'--num_steps={n}',
+                   '--seeds=0-1', f'--outdir={out}')
+    assert_one_line_error(r, 'coefficients')
+
+
+def test_mismatched_coefficient_files_are_refused_in_one_line(learned_file, tmp_path):
+    out = f'--outdir={tmp_path / "out"}'
+    r = sample_cli('--solver=unipc', '--max_order=3', f'--schedule_file={learned_file}', '--num_steps=4', '--seeds=0', out)
+    assert_one_line_error(r, '--max_order')
+    r = sample_cli('--solver=dpmpp', '--max_order=2', f'--schedule_file={learned_file}', '--num_steps=4', '--seeds=0', out)
+    assert_one_line_error(r, '--solver')
+    record = json.loads(learned_file.read_text())
+    table = solvers.analytic_coefficients('unipc', record['schedules']['4'], max_order=2)
+    table['predictor'][1].append(0.0)            # an order-3 step under the file's max_order=2
+    record['coefficients']['4'] = table
+    edited = tmp_path / 'edited.json'
+    edited.write_text(json.dumps(record))
+    r = sample_cli('--solver=unipc', '--max_order=2', f'--schedule_file={edited}', '--num_steps=4', '--seeds=0',
+                   f'--outdir={tmp_path / "out"}')
+    assert_one_line_error(r, '--schedule_file')
+    assert 'predictor step 1' in r.stderr and not (tmp_path / 'out').exists()
+
+
+@pytest.mark.parametrize('args,why', [
+    (('--solver=unipc', '--max_order=3', '--compat=gits-main'), 'not in the paper'),
+    (('--solver=heun', '--refine=True'), 'only the multistep solvers'),
+    (('--solver=euler', '--refine=True'), 'only the multistep solvers'),
+])
+def test_refine_coefficients_refusals(tmp_path, args, why):
+    r = sample_cli(*args, '--dp=True', '--refine_coefficients=True', '--seeds=0', f'--outdir={tmp_path / "out"}')
+    assert_one_line_error(r, '--refine_coefficients')
+    assert why in r.stderr and not (tmp_path / 'out').exists()
+    r = sample_cli('--solver=unipc', '--dp=True', '--refine_coefficients=True', '--seeds=0', f'--outdir={tmp_path / "o"}')
+    assert_one_line_error(r, '--refine_coefficients')
+    assert 'needs --refine=True' in r.stderr
+    r = sample_cli('--solver=unipc', '--refine_coefficients=True', '--seeds=0', f'--outdir={tmp_path / "o"}')
+    assert_one_line_error(r, '--refine_coefficients')
+
+
+def test_run_json_has_no_coefficients_key_without_them(tmp_path):
+    out = tmp_path / 'out'
+    r = sample_cli('--solver=unipc', '--num_steps=4', '--seeds=0', f'--outdir={out}')
+    assert r.returncode == 0, r.stderr
+    run = json.loads((out / 'run.json').read_text())
+    assert 'coefficients' not in run and 'refine_coefficients' not in run['options']
+    assert run_schedule.searched_coefficients(None, 4) is None
