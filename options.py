@@ -144,11 +144,9 @@ RULES = SCHEDULE_RULES + (
      'take it'),
     (('search',), lambda o: o.compat is None or o.search in (None, 'gits'),
      'the solver-aware and rotation searches are not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
-    (('refine',), lambda o: not o.refine or o.search != 'rotation',
-     'does not apply to --search=rotation (the refinement starts from schedules on the teacher grid: GITS, '
-     'solver-aware, fixed); use --search=gits or student'),
-    (('metric', 'coeff'), lambda o: o.search != 'rotation',
-     'does not apply to --search=rotation (it has no cost matrix and no DP)'),
+    (('metric', 'coeff'), lambda o: o.search != 'rotation' or o.refine,
+     'does not apply to --search=rotation (it has no cost matrix and no DP; with --refine=True they shape the GITS '
+     'start of the refinement)'),
     (('refine',), lambda o: o.compat is None or not o.refine,
      'refinement is not in the paper\'s code; --compat=gits-main runs the paper\'s search only'),
     (('refine_coefficients',), lambda o: o.compat is None or not o.refine_coefficients,

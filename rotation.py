@@ -80,16 +80,14 @@ def rotation_schedules(data, t_tea, wanted, afs=False, window=WINDOW):
     return {n: equal_rotation_points(cumulative, t_tea, n + extra) for n in wanted}, cumulative
 
 
-def search_rounds(rounds, paper, refine, compat, **options):
-    """student_search.search_rounds with search='rotation' (`paper`: its keywords for
-    gits.start_search): the teacher runs of the paper's search, then the schedules of equal total
-    rotation along them. Its points lie off the teacher grid, where the refinement's
-    starts (and the official code, compat) do not go: both are refused."""
+def search_rounds(rounds, paper, compat, **options):
+    """student_search.search_rounds with search='rotation' and no refinement (`paper`: its keywords
+    for gits.start_search): the teacher runs of the paper's search, then the schedules of equal total
+    rotation along them. Its points lie off the teacher grid; the official code (compat) has no such
+    search and is refused. With --refine, student_search.search_rounds adds these schedules to the
+    refinement's starts instead."""
     if compat is not None:
         raise ValueError(f'--search: the rotation schedule is not in the paper\'s code; drop --search or --compat={compat}')
-    if refine:
-        raise ValueError('--refine: the refinement starts from schedules on the teacher grid (GITS, solver-aware, '
-                         'fixed); drop --refine or use --search=gits or student')
     timing = dict(teacher=0.0, rotation=0.0)
     base = gits.start_search(rounds, **paper, compat=None, metric=None, timing=timing, **options)
     t0 = time.perf_counter()

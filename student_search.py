@@ -512,13 +512,15 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
 
 
 def refine_found(data, check, t_tea, found, points, solver, options, afs=False, budget=None, timing=None,
-                 coefficients=False):
+                 coefficients=False, starts=None):
     """Refine from the searched paths `found` ({name: indices into t_tea}, those of `points`
-    points) and the fixed schedules. The starts are compared on the trajectories the solver-aware
-    DP did not price (if it is among them). Returns (inits, t_steps, info)."""
+    points), the fixed schedules and `starts` ({name: t_steps} off the grid, e.g. the rotation
+    schedule). The starts are compared on the trajectories the solver-aware DP did not price (if it
+    is among them). Returns (inits, t_steps, info)."""
     inits = {name: t_tea[path].clone() for name, path in found.items() if len(path) == points}
     for kind, rho in FIXED_SCHEDULES:
         inits[kind] = schedules.get_schedule(points, float(t_tea[-1]), float(t_tea[0]), kind, rho)
+    inits.update({name: ts for name, ts in (starts or {}).items() if len(ts) == points})
     exclude = STUDENT_SUBSET if 'student' in inits else 0
     t_steps, info = refine_schedule(data, check, inits, solver, options, afs, budget, timing, exclude=exclude,
                                     coefficients=coefficients)
@@ -583,8 +585,8 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     if search == 'gits' and not refine:
         return gits.search_rounds(rounds, **paper, metric=metric, coeff=coeff, compat=compat,
                                   denoise_to_zero=denoise_to_zero, **options)
-    if search == 'rotation':
-        return rotation.search_rounds(rounds, paper, refine, compat, **options)
+    if search == 'rotation' and not refine:
+        return rotation.search_rounds(rounds, paper, compat, **options)
     if compat is not None:
         flag = '--refine_coefficients' if refine_coefficients else '--refine' if refine else '--search'
         raise ValueError(f'{flag}: the solver-aware search and refinement are not in the paper\'s code; '
@@ -609,6 +611,8 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     if search == 'student' or refine:
         student, student_evals = student_dp(data, t_tea, max(wanted) - 1 + extra, solver, options, afs, coeff,
                                             grid=student_grid, timing=timing)
+    # The rotation schedules (off the teacher grid) join the refinement's starts.
+    rotated = rotation.rotation_schedules(data, t_tea, wanted, afs)[0] if search == 'rotation' else {}
     chosen = {}
     for n in wanted:
         found = {'gits': gits_found[n]} if n in gits_found else {}
@@ -621,7 +625,8 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
         t_steps = t_tea[path].clone() if path is not None else None
         if refine:
             _, t_steps, refined[str(n)] = refine_found(data, check, t_tea, found, n + extra, solver, options, afs,
-                                                       budget, timing, coefficients=refine_coefficients)
+                                                       budget, timing, coefficients=refine_coefficients,
+                                                       starts={'rotation': rotated[n]} if n in rotated else None)
         if t_steps is None:
             raise ValueError(f'--num_steps: no {search} schedule of {n} points on this teacher grid')
         schedules[n] = t_steps

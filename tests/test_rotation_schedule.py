@@ -89,8 +89,22 @@ def test_rotation_schedule_file_round_trip(tmp_path):
     assert run['t_steps'] == saved['schedules']['5']
 
 
+def test_rotation_schedule_is_a_start_of_the_refinement(tmp_path):
+    """--search=rotation --refine=True: the rotation schedule joins the refinement's starts (it is
+    compared with the GITS, solver-aware and fixed ones on the warm-up set), and the sampled schedule
+    is the refinement's result."""
+    out = tmp_path / 'o'
+    r = run_here(sample.main, '--dataset_name=digits', '--seeds=0-1', '--solver=ipndm', '--num_steps=5', '--dp=True',
+                 '--search=rotation', '--refine=True', '--num_warmup=8', f'--outdir={out}', '--device=cpu')
+    assert r.returncode == 0, r.stderr
+    record = json.loads((out / 'run.json').read_text())
+    refined = record['search']['refined']['5']
+    assert 'rotation' in refined['start_objectives']
+    assert set(refined['start_objectives']) >= {'gits', 'student', 'polynomial', 'logsnr', 'time_uniform'}
+    assert record['search']['search'] == 'rotation' and record['search']['refine'] is True
+
+
 @pytest.mark.parametrize('args, flag', [
-    (['--refine=True'], '--refine'),
     (['--compat=gits-main', '--max_order=4'], '--search'),
     (['--coeff=1.2'], '--coeff'),
     (['--metric=l2'], '--metric'),
