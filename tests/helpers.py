@@ -64,6 +64,18 @@ def torchrun(script, nproc, *args, timeout=600, cwd=None):
     return subprocess.run(cmd, cwd=cwd or ROOT, capture_output=True, text=True, env=env, timeout=timeout)
 
 
+def sample_one_and_two_processes(tmp_path, *args):
+    """run.json of `sample.py *args` run as one process (folder one/) and under a 2-process
+    torchrun (folder two/), both checked to succeed; and the one process's stdout."""
+    records, stdout = [], None
+    for name, run in (('one', lambda *a: run_cli('sample.py', *a)), ('two', lambda *a: torchrun('sample.py', 2, *a))):
+        r = run(*args, f'--outdir={tmp_path / name}')
+        assert r.returncode == 0, r.stderr
+        records.append(json.loads((tmp_path / name / 'run.json').read_text()))
+        stdout = stdout if stdout is not None else r.stdout
+    return (*records, stdout)
+
+
 def assert_one_line_error(result, flag):
     """Non-zero exit, stderr is exactly one line that starts with 'Error:' and names `flag`."""
     assert result.returncode != 0, result.stdout + result.stderr

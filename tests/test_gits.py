@@ -12,7 +12,7 @@ import torch
 import gits
 import schedules
 import solvers
-from helpers import assert_one_line_error, listing, run_cli, run_here, torchrun
+from helpers import assert_one_line_error, listing, run_cli, run_here, sample_one_and_two_processes
 
 
 def brute_force(cost, num_points, coeff):
@@ -243,12 +243,7 @@ def test_afs_free_step_tries_exactly_the_candidates_between_the_first_two_points
 def test_torchrun_two_processes_same_schedule(tmp_path):
     args = ['--dataset_name=digits', '--seeds=0-3', '--dp=True', '--num_warmup=10', '--batch=4',
             '--solver=heun', '--solver_tea=heun', '--num_steps=5', '--num_steps_tea=21']
-    r1 = run_cli('sample.py', *args, f'--outdir={tmp_path / "one"}')
-    assert r1.returncode == 0, r1.stderr
-    r2 = torchrun('sample.py', 2, *args, f'--outdir={tmp_path / "two"}')
-    assert r2.returncode == 0, r2.stderr
-    one = json.loads((tmp_path / 'one' / 'run.json').read_text())
-    two = json.loads((tmp_path / 'two' / 'run.json').read_text())
+    one, two, stdout = sample_one_and_two_processes(tmp_path, *args)
     assert one['t_steps'] == two['t_steps']
     assert one['search']['num_warmup'] == two['search']['num_warmup'] == 10
     # The searched schedule, pasted back, reproduces the images.
@@ -258,7 +253,7 @@ def test_torchrun_two_processes_same_schedule(tmp_path):
     for s in range(4):
         name = f'{s:06d}.png'
         assert (tmp_path / 'one' / name).read_bytes() == (tmp_path / 'pasted' / name).read_bytes()
-    assert f'--t_steps={one["t_steps_text"]}' in r1.stdout
+    assert f'--t_steps={one["t_steps_text"]}' in stdout
 
 
 def test_save_schedules_then_sample_from_file(tmp_path):

@@ -14,7 +14,7 @@ import rotation
 import sample
 import schedules
 import student_search
-from helpers import assert_one_line_error, run_cli, run_here, torchrun
+from helpers import assert_one_line_error, run_here, sample_one_and_two_processes
 from torch_utils.seeds import draw_seed_inputs
 
 
@@ -56,12 +56,7 @@ def test_rotation_search_is_deterministic_and_batch_invariant(digits):
 def test_torchrun_two_processes_same_rotation_schedule(tmp_path):
     args = ['--dataset_name=digits', '--seeds=0-1', '--dp=True', '--search=rotation', '--num_warmup=10', '--batch=4',
             '--solver=unipc', '--num_steps=6', '--num_steps_tea=21']
-    r1 = run_cli('sample.py', *args, f'--outdir={tmp_path / "one"}')
-    assert r1.returncode == 0, r1.stderr
-    r2 = torchrun('sample.py', 2, *args, f'--outdir={tmp_path / "two"}')
-    assert r2.returncode == 0, r2.stderr
-    one = json.loads((tmp_path / 'one' / 'run.json').read_text())
-    two = json.loads((tmp_path / 'two' / 'run.json').read_text())
+    one, two, _ = sample_one_and_two_processes(tmp_path, *args)
     assert one['t_steps'] == two['t_steps'] and one['search']['search'] == 'rotation'
     assert one['search']['num_warmup'] == two['search']['num_warmup'] == 10
     assert one['schedule_source'] == 'gits-rotation'
