@@ -453,8 +453,9 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     start = min(finals or objectives, key=(finals or objectives).get)
     t_steps = inits[start].clone()
     value = float(start_errors[start].mean())
-    check_cost = nfe * check_size * (1 + int(start not in start_check))     # the result (and start) on it
-    trace, offsets, joint_from = [], None, None
+    # The result (and the start) on the check set; with coefficients also the points-alone result.
+    check_cost = nfe * check_size * (1 + int(start not in start_check) + int(bool(coefficients)))
+    trace, offsets, joint_from, alone = [], None, None, None
     phases = [(None, batch, nfe * (points - 1), budget)]     # (offsets, batch, Jacobian cost a trajectory, budget)
     if coefficients:        # the points alone first (cheap steps), then points and weights together
         slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options))
@@ -464,7 +465,8 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
                   (torch.zeros(len(slots), dtype=torch.float64), batch, joint_cost, budget)]
     for offsets, batch, jacobian_cost, limit in phases:
         damping, failures, cursor = 1e-2, 0, 0
-        joint_from = len(trace) if offsets is not None else joint_from
+        if offsets is not None:                  # the joint phase starts from the points-alone result
+            joint_from, alone = len(trace), (t_steps.clone() if trace else None)
         while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
             lo = cursor % total
             hi = min(total, lo + batch)
@@ -490,23 +492,37 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
                 if damping > 1e4:
                     break
             failures = 0 if accepted else failures + 1
-    verdict, kept = None, False
+    # The check decides stage by stage: the points alone must beat the start, and the learned weights
+    # (with their points) what the points alone kept; a joint fit the check does not confirm falls
+    # back to the points-alone result, never below it.
+    verdict, kept, alone_verdict, joint = None, False, None, offsets is not None and bool(offsets.any())
+    result = inits[start]
     if trace:
         if start not in start_check:
             start_check[start] = errors(inits[start], check)
+        base_check = start_check[start]
+        if joint and alone is not None:
+            alone_check = errors(alone, check)
+            alone_kept, gain, se = check_verdict(base_check, alone_check)
+            alone_verdict = dict(start=float(base_check.mean()), refined=float(alone_check.mean()), gain=gain, se=se,
+                                 kept=alone_kept)
+            if alone_kept:
+                result, base_check = alone, alone_check
         refined_check = errors(t_steps, check, offsets)
-        kept, gain, se = check_verdict(start_check[start], refined_check)
-        verdict = dict(size=check_size, start=float(start_check[start].mean()), refined=float(refined_check.mean()),
+        final_kept, gain, se = check_verdict(base_check, refined_check)
+        verdict = dict(size=check_size, start=float(base_check.mean()), refined=float(refined_check.mean()),
                        gain=gain, se=se)
-    if not kept:
-        t_steps = inits[start].clone()
+        if final_kept:
+            result = t_steps
+        joint = joint and final_kept
+        kept = result is not inits[start]
+    t_steps = result.clone()
     timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
     info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace,
                 check=verdict, kept=kept, evals=spent, budget=budget, fit=total, compared_from=compared_from)
     if coefficients:
-        learned = kept and offsets is not None and bool(offsets.any())
-        info.update(coefficients=learned_coefficients(solver, t_steps, options, offsets) if learned else None,
-                    offsets=offsets.tolist() if offsets is not None else None,
+        info.update(coefficients=learned_coefficients(solver, t_steps, options, offsets) if joint else None,
+                    offsets=offsets.tolist() if offsets is not None else None, check_points_alone=alone_verdict,
                     joint_steps=len(trace) - joint_from if joint_from is not None else 0)
     return t_steps, info
 

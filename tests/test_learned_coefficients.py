@@ -108,6 +108,22 @@ def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, mo
                                                 coefficients=True)
     assert info2['steps'] == info['steps'] and not info2['kept'] and info2['coefficients'] is None
     assert torch.equal(ts2, start)
+    # A check that confirms the points alone but not the learned weights on top of them: the
+    # points-alone result, analytic weights (never the start when the first stage was confirmed).
+    assert 0 < info['joint_steps'] < info['steps']
+    judged = []
+
+    def first_stage_only(start_errors, refined_errors):
+        judged.append(refined_errors)
+        return len(judged) == 1, 0.0, 1.0
+    monkeypatch.setattr(student_search, 'check_verdict', first_stage_only)
+    ts3, info3 = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
+                                                coefficients=True)
+    assert len(judged) == 2 and info3['kept'] and info3['coefficients'] is None
+    assert info3['check_points_alone']['kept'] and info3['evals'] <= budget
+    assert not torch.equal(ts3, start) and not torch.equal(ts3, ts)
+    alone_check, _ = student_search.warmup_errors(check, ts3, solver, options)
+    assert torch.equal(alone_check, judged[0])
 
 
 def sample_cli(*args):
