@@ -271,11 +271,12 @@ def _with_interior(t_steps, u):
 # after it: the last step's weights cost nothing, and the last step's update is linear in them.
 
 FD_STEP_COEFFICIENT = 1e-2    # finite-difference step of an offset (relative to its step's size)
-SCHEDULE_SHARE = 1.0          # of the budget left after the starts: the points alone, before the joint fit.
-                              # All of it: the points alone then stop where today's refinement stops (it
-                              # mostly stalls well inside the budget), and the joint fit takes the rest. With
-                              # half (0.5), the first stage fell short of the refinement at NFE 8 and 10,
-                              # where the joint steps are not affordable (x1.75-2.07 its held-out error).
+SCHEDULE_SHARE = 0.5          # of the budget left after the starts: the points alone, before the joint fit,
+                              # when that share also affords the joint fit a Jacobian and a trial step; when
+                              # it does not (long schedules: a joint Jacobian costs the evaluations after every
+                              # weight) the points alone take the whole budget, as the refinement does. Half
+                              # of it always: at NFE 8 and 10 the first stage fell short of the refinement
+                              # (x1.75-2.07 its held-out error); all of it always: no joint step above NFE 3.
 COEFFICIENT_BATCH = 256       # trajectories per Jacobian of the joint fit: with BATCH's 64 its steps, fitted to
                               # a quarter of the set, stalled (gmm, unipc, NFE 3: held-out error unchanged)
 
@@ -414,7 +415,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     `check` (trajectories no step has seen) decides whether the result is kept. `budget`: the most
     denoiser evaluations to spend, all processes and stages together (None: no limit); a step is
     only started if the budget also affords the check. coefficients=True (multistep solvers): the
-    points alone are fitted first (as the refinement does, SCHEDULE_SHARE of the budget), then the
+    points alone are fitted first (as the refinement does, with SCHEDULE_SHARE of the budget), then the
     solver's weights together with the points (offsets from the analytic ones, see
     learned_coefficients; `batch` is then the joint fit's, default COEFFICIENT_BATCH), and
     info['coefficients'] holds the kept table (None when the check rejects the result: the start is
@@ -465,6 +466,9 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
         slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options))
         joint_cost = nfe * (points - 1) + sum(nfe - i for _, i, _ in slots)   # a weight of step i: the evaluations after it
         first = None if budget is None else spent + int(SCHEDULE_SHARE * (budget - spent))
+        joint_step = joint_cost * min(batch, total) + nfe * total + check_cost
+        if budget is not None and budget - first < joint_step:
+            first = budget               # no joint step affordable after a shared first stage
         phases = [(None, BATCH, nfe * (points - 1), first),
                   (torch.zeros(len(slots), dtype=torch.float64), batch, joint_cost, budget)]
     for offsets, batch, jacobian_cost, limit in phases:
