@@ -99,7 +99,8 @@ def test_subdirs_and_run_record(tmp_path):
     # Resolved values, each once: no null outdir or device, the solver's options at the top level.
     assert record['options']['outdir'] == str(out) and record['options']['device'] == 'cpu'
     assert 'solver_options' in record and 'solver_options' not in record['options']
-    assert set(run_record.IDENTITY) <= set(record) and record['subdirs'] is True
+    assert set(run_record.IDENTITY) - set(run_record.OMITTED_WHEN_NONE) <= set(record) and record['subdirs'] is True
+    assert not set(run_record.OMITTED_WHEN_NONE) & set(record)       # absent at None: older files keep their bytes
     assert set(record['given']) == {'dataset_name', 'seeds', 'subdirs', 'outdir', 'solver', 'num_steps'}
 
 
