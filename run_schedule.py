@@ -218,8 +218,8 @@ def refinement_line(num_steps, r):
         return f'{head}, no step lowered the fit objective: start kept; {spent}'
     c = r['check']
     verdict = 'kept' if r['kept'] else 'rejected (gain within one SE), start kept'
-    if 'coefficients' in r:
-        verdict += ' (with learned coefficients)' if r['kept'] else ' (with the analytic coefficients)'
+    if 'coefficients' in r:          # kept can be the points alone, the learned weights rejected
+        verdict += ' (with learned coefficients)' if r['coefficients'] is not None else ' (with the analytic coefficients)'
     return (f'{head}, {r["steps"]} steps, fit {r["trace"][0][0]:.4g} -> {r["trace"][-1][1]:.4g} on {r["fit"]}, '
             f'check {c["start"]:.4g} -> {c["refined"]:.4g} on {c["size"]} (gain {c["gain"]:.2g} +- {c["se"]:.2g} SE): '
             f'{verdict}; {spent}')

@@ -120,6 +120,8 @@ def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, mo
     ts3, info3 = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
                                                 coefficients=True)
     assert len(judged) == 2 and info3['kept'] and info3['coefficients'] is None
+    assert 'kept' in run_schedule.refinement_line(4, info3) and 'analytic coefficients' in run_schedule.refinement_line(4, info3)
+    assert 'with learned coefficients' in run_schedule.refinement_line(4, info)
     assert info3['check_points_alone']['kept'] and info3['evals'] <= budget
     assert not torch.equal(ts3, start) and not torch.equal(ts3, ts)
     alone_check, _ = student_search.warmup_errors(check, ts3, solver, options)
