@@ -287,8 +287,8 @@ def list_presets(ctx, _param, value):
 @click.option('--schedule_file', type=str, default=None, help='Sample with the schedule for --num_steps from a file written by --save_schedules')
 @click.option('--search', type=click.Choice(['gits', 'student', 'rotation']), default=None, help='GITS cost: gits (one Euler step, the paper) or student (the student solver\'s own step); rotation: equal total rotation along the teacher trajectories (no DP) [default: gits]')
 @click.option('--refine', type=BOOL, default=False, help='GITS: refine the searched schedule on the warm-up set (student\'s final-point error)')
-@click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 6]')
-@click.option('--refine_coefficients', type=BOOL, default=False, help='GITS: the refinement also fits the multistep solver\'s step weights (saved in schedule files)')
+@click.option('--refine_budget', type=float, default=None, help='GITS: refinement evaluations, in multiples of the teacher run\'s [default: 6; 12 with --refine_coefficients]')
+@click.option('--refine_coefficients', type=BOOL, default=False, help='GITS: the refinement also fits the multistep solver\'s step weights and evaluation noise levels (saved in schedule files)')
 def main(**kwargs):
     """Sample images from a diffusion model with a fast ODE solver."""
     run(options.resolve(kwargs, dnnlib.util.explicit_flags(click.get_current_context())))

@@ -181,18 +181,19 @@ def tables(compat=None):
     return mode.tables if mode else TABLES
 
 
-def _output(denoise, x, t, form, thresholding):
+def _output(denoise, x, t, form, thresholding, sigma=None):
     """The model output a table combines: D ('x0', optionally thresholded) or the slope
-    d = (x - D) / t ('eps')."""
-    D = denoise(x, t)
+    d = (x - D) / t ('eps'); D evaluated at noise level `sigma` (None: t; learned coefficients
+    may shift it, see below)."""
+    D = denoise(x, t if sigma is None else sigma)
     if form == 'eps':
         return (x - D) / t
     return dynamic_threshold(D) if thresholding else D
 
 
-def _first_output(denoise, x, t, form, thresholding, afs):
+def _first_output(denoise, x, t, form, thresholding, afs, sigma=None):
     if not afs:
-        return _output(denoise, x, t, form, thresholding)
+        return _output(denoise, x, t, form, thresholding, sigma)
     d = afs_slope(x, t)                 # no network call
     if form == 'eps':
         return d
@@ -200,21 +201,23 @@ def _first_output(denoise, x, t, form, thresholding, afs):
 
 
 def _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters, corrector=None,
-               thresholding=False):
+               thresholding=False, sigmas=None):
     """Run x_{i+1} = a x_i + sum_k w_k m_{i-k} for every row of `table`. With `corrector` (UniC),
     the output at the predicted point is used to correct x_{i+1} and becomes the newest history
     entry, so the corrector costs no extra evaluation. A step is followed by an evaluation when
     another step follows or when it is corrected (corrector[i] not None: after the last step,
-    only in compat mode)."""
+    only in compat mode). `sigmas`: the noise level of every model output's evaluation, in order
+    (None: the schedule's own, ts[j] for the output at ts[j])."""
+    at = (lambda j: None) if sigmas is None else (lambda j: sigmas[j])
     history = History(max(len(w) for _, w in table) + (1 if corrector else 0))
-    history.push(_first_output(denoise, x, ts[0], form, thresholding, afs))
+    history.push(_first_output(denoise, x, ts[0], form, thresholding, afs, at(0)))
     inters = [x]
     last = len(table) - 1
     for i, (a, weights) in enumerate(table):
         x_next = combine(a, x, weights, history)
         correction = corrector[i] if corrector is not None else None
         if i < last or correction is not None:
-            m = _output(denoise, x_next, ts[i + 1], form, thresholding)
+            m = _output(denoise, x_next, ts[i + 1], form, thresholding, at(i + 1))
             if correction is not None:
                 a_c, weights_c = correction
                 x_next = combine(a_c, x, weights_c, [m, *history])
@@ -238,13 +241,19 @@ def _validated(name, compat, ts, **options):
 
 # Learned coefficients (issue 29). A multistep solver's table fixes, per step, the weights of the
 # model outputs; `coefficients` replaces those weights by an explicit table of the same shape
-# (the factor `a` of x_i stays the analytic one: it is the exact solution's linear part):
+# (the factor `a` of x_i stays the analytic one: it is the exact solution's linear part), and may
+# move the noise level at which each output is evaluated:
 #
 #     dict(predictor=[[w_i0, w_i1, ...] for every step i]          (newest output first)
-#          corrector=[[w_i0, ...] or None for every step i])        (unipc only)
+#          corrector=[[w_i0, ...] or None for every step i]         (unipc only)
+#          sigmas=[s_0, s_1, ...])                                  (optional)
 #
-# None: the analytic weights. The analytic table in this form (`analytic_coefficients`) gives
-# the same run bit for bit, because the floats are the same.
+# sigmas[j] is the noise level passed to the denoiser for the output at t_j (the solver still
+# combines it as the output at t_j: the slope divides by t_j); absent, s_j = t_j. With afs the
+# first output is not evaluated and s_0 is not used. A learned s_j != t_j lets the fit correct
+# the state's own error (the student's x_j is not exactly on the teacher's trajectory at t_j);
+# the fit with these shifts beats the weights alone by far (docs/gits.md). None: the analytic solver. The analytic table in this form
+# (`analytic_coefficients`) gives the same run bit for bit, because the floats are the same.
 
 def _weights(rows):
     return [None if r is None else [float(w) for w in r[1]] for r in rows]
@@ -256,6 +265,12 @@ def coefficients_of(table, corrector=None):
     if corrector is not None:
         out['corrector'] = _weights(corrector)
     return out
+
+
+def output_count(table, corrector=None):
+    """The model outputs a run of (table, corrector) combines: one at t_0 and one after every step
+    that another step follows or that is corrected."""
+    return len(table) + int(corrector is not None and corrector[-1] is not None)
 
 
 def _replaced(rows, weights, part):
@@ -271,17 +286,29 @@ def _replaced(rows, weights, part):
     return tuple(out)
 
 
+def _evaluation_sigmas(sigmas, count):
+    if sigmas is None:
+        return None
+    if len(sigmas) != count or not all(float(s) > 0 for s in sigmas):
+        raise ValueError(f'coefficients: sigmas must be {count} positive noise levels, one per model output '
+                         f'(got {len(sigmas)})')
+    return tuple(float(s) for s in sigmas)
+
+
 def with_coefficients(table, corrector, coefficients):
-    """(table, corrector) with their weights from `coefficients` (None: unchanged). ValueError in
-    one line when the shapes differ (other solver, max_order, length or form options)."""
+    """(table, corrector, evaluation sigmas or None) with the weights and noise levels of
+    `coefficients` (None: unchanged). ValueError in one line when the shapes differ (other solver,
+    max_order, length or form options)."""
     if coefficients is None:
-        return table, corrector
-    if set(coefficients) != ({'predictor', 'corrector'} if corrector is not None else {'predictor'}):
+        return table, corrector, None
+    parts = {'predictor', 'corrector'} if corrector is not None else {'predictor'}
+    if set(coefficients) - {'sigmas'} != parts:
         raise ValueError(f'coefficients: parts {sorted(coefficients)} do not fit this solver')
+    sigmas = _evaluation_sigmas(coefficients.get('sigmas'), output_count(table, corrector))
     table = _replaced(table, coefficients['predictor'], 'predictor')
     if corrector is not None:
         corrector = _replaced(corrector, coefficients['corrector'], 'corrector')
-    return table, corrector
+    return table, corrector, sigmas
 
 
 MULTISTEP = {}      # name -> fn(ts, compat, **resolved options) -> (form, table, corrector or None)
@@ -305,9 +332,9 @@ def _run_multistep(name, denoise, x, t_steps, afs, denoise_to_zero, return_inter
     ts = tuple(_floats(t_steps))
     opts = _validated(name, compat, ts, **options)
     form, table, corrector = MULTISTEP[name](ts, compat, **opts)
-    table, corrector = with_coefficients(table, corrector, coefficients)
+    table, corrector, sigmas = with_coefficients(table, corrector, coefficients)
     return _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters, corrector=corrector,
-                      thresholding=opts.get('thresholding', False))
+                      thresholding=opts.get('thresholding', False), sigmas=sigmas)
 
 
 def _eps_table(key):

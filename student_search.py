@@ -266,42 +266,73 @@ def _with_interior(t_steps, u):
 # for unipc corrector), relative to the analytic weights at the current schedule and in units of
 # the step's own size (the sum of its analytic predictor weights: the step h in noise prediction,
 # 1 - t_{i+1}/t_i in data prediction), so that every column has the size of a change of the step
-# and offset 0 is the analytic solver. A weight of step i changes the run only from x_{i+1} on, so
-# its Jacobian column replays the base run up to there (_Replay) and pays only the evaluations
-# after it: the last step's weights cost nothing, and the last step's update is linear in them.
+# and offset 0 is the analytic solver; then one log-ratio v_j per evaluated model output, the
+# denoiser seeing s_j = t_j exp(v_j) for the output at t_j (solvers: coefficients['sigmas']). A
+# weight of step i changes the run only from x_{i+1} on, and v_j only from its own evaluation, so
+# a Jacobian column replays the base run up to there (_Replay) and pays only the evaluations after
+# it (slot_cost): the last step's weights cost nothing, and the last step's update is linear in them.
 
 FD_STEP_COEFFICIENT = 1e-2    # finite-difference step of an offset (relative to its step's size)
 SCHEDULE_SHARE = 0.5          # of the budget left after the starts: the points alone, before the joint fit,
                               # when that share also affords the joint fit a Jacobian and a trial step; when
-                              # it does not (long schedules: a joint Jacobian costs the evaluations after every
-                              # weight) the points alone take the whole budget, as the refinement does. Half
-                              # of it always: at NFE 8 and 10 the first stage fell short of the refinement
-                              # (x1.75-2.07 its held-out error); all of it always: no joint step above NFE 3.
-COEFFICIENT_BATCH = 256       # trajectories per Jacobian of the joint fit: with BATCH's 64 its steps, fitted to
-                              # a quarter of the set, stalled (gmm, unipc, NFE 3: held-out error unchanged)
+                              # it does not, the points alone take the whole budget, as the refinement does
+REFINE_BUDGET_COEFFICIENTS = 12.0   # the default budget with coefficients: about the refinement's own (6) for the
+                              # points alone, as much again for the joint fit (a joint Jacobian costs the
+                              # evaluations after every parameter: at 6 the joint fit affords 0-3 steps from
+                              # NFE 4 on; benchmarks/results/gits_learned_budget.json, docs/gits.md)
+STALL_GAIN = 1e-5             # the points alone stop after 3 steps in a row that gain less than this (relative):
+                              # the refinement often crawls on at 1e-7-1e-6 a step, and the joint fit needs that budget
+COEFFICIENT_BATCH = 128       # trajectories per Jacobian of the joint fit (the trial steps use all of them):
+                              # 64 gave noisier steps, 256 affords half as many
 
 
-def coefficient_slots(analytic):
-    """(part, step, k) of every weight of an analytic `coefficients` table, in parameter order."""
-    return [(part, i, k) for part in ('predictor', 'corrector') for i, row in enumerate(analytic.get(part) or [])
-            if row is not None for k in range(len(row))]
+def default_refine_budget(coefficients=False):
+    """--refine_budget's default, in teacher runs: larger when the refinement also fits coefficients."""
+    return REFINE_BUDGET_COEFFICIENTS if coefficients else REFINE_BUDGET
 
 
-def learned_coefficients(solver, t_steps, options, offsets):
-    """The `coefficients` table at t_steps: the analytic weights plus offsets times the step sizes."""
+def _outputs(analytic):
+    """The model outputs a run of an analytic `coefficients` table combines (solvers.output_count)."""
+    corrector = analytic.get('corrector')
+    return len(analytic['predictor']) + int(bool(corrector) and corrector[-1] is not None)
+
+
+def coefficient_slots(analytic, afs=False):
+    """(part, step, k) of every weight of an analytic `coefficients` table, in parameter order,
+    then ('sigmas', j, 0) for every model output that is evaluated (its noise level's shift)."""
+    weights = [(part, i, k) for part in ('predictor', 'corrector') for i, row in enumerate(analytic.get(part) or [])
+               if row is not None for k in range(len(row))]
+    return weights + [('sigmas', j, 0) for j in range(int(bool(afs)), _outputs(analytic))]
+
+
+def slot_cost(slot, nfe, afs=False):
+    """Evaluations a trajectory pays for a Jacobian column of `slot`: those from the first one it
+    changes on (the run replays the rest). A weight of step i changes x_{i+1} (counted from its
+    step: one more than it needs without afs); a noise level, its own evaluation."""
+    part, j, _ = slot
+    return nfe - j + int(bool(afs)) if part == 'sigmas' else nfe - j
+
+
+def learned_coefficients(solver, t_steps, options, offsets, afs=False):
+    """The `coefficients` table at t_steps: the analytic weights plus offsets times the step sizes,
+    and every evaluated output's noise level t_j times exp(its offset)."""
     analytic = solvers.analytic_coefficients(solver, t_steps, **options)
     sizes = [sum(row) for row in analytic['predictor']]
     out = {part: [None if row is None else list(row) for row in rows] for part, rows in analytic.items()}
-    for (part, i, k), value in zip(coefficient_slots(analytic), offsets.tolist()):
-        out[part][i][k] += sizes[i] * value
+    out['sigmas'] = [float(t) for t in t_steps[:_outputs(analytic)]]
+    for (part, i, k), value in zip(coefficient_slots(analytic, afs), offsets.tolist()):
+        if part == 'sigmas':
+            out['sigmas'][i] *= math.exp(value)
+        else:
+            out[part][i][k] += sizes[i] * value
     return out
 
 
-def _with_coefficients(options, solver, t_steps, offsets):
+def _with_coefficients(options, solver, t_steps, offsets, afs=False):
     """The solver options of a run at (t_steps, offsets); offsets None: the analytic solver."""
     if offsets is None:
         return options
-    return dict(options, coefficients=learned_coefficients(solver, t_steps, options, offsets))
+    return dict(options, coefficients=learned_coefficients(solver, t_steps, options, offsets, afs))
 
 
 def _ordered(t_steps):
@@ -338,7 +369,7 @@ def _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets=None)
     for rnd, a, b in _slices(data, lo, hi):
         tape = solver_utils.Recorder(rnd.denoise, keep=True)
         target = rnd.xs[-1, a:b].to(torch.float64).flatten(1)
-        base = _run(tape, rnd, a, b, t_steps, solver, _with_coefficients(options, solver, t_steps, offsets),
+        base = _run(tape, rnd, a, b, t_steps, solver, _with_coefficients(options, solver, t_steps, offsets, afs),
                     afs).to(torch.float64).flatten(1)
         evals += tape.evals
         columns = []
@@ -353,11 +384,11 @@ def _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets=None)
             moved = u.clone()
             moved[k] += steps[k]
             moved_ts = _with_interior(t_steps, moved)
-            column(moved_ts, _with_coefficients(options, solver, moved_ts, offsets), steps[k])
+            column(moved_ts, _with_coefficients(options, solver, moved_ts, offsets, afs), steps[k])
         for k in range(0 if offsets is None else len(offsets)):
             moved = offsets.clone()
             moved[k] += FD_STEP_COEFFICIENT
-            column(t_steps, _with_coefficients(options, solver, t_steps, moved), FD_STEP_COEFFICIENT)
+            column(t_steps, _with_coefficients(options, solver, t_steps, moved, afs), FD_STEP_COEFFICIENT)
         jac = torch.stack(columns, dim=-1)                             # [rows, D, P]
         res = base - target                                            # [rows, D]
         rows.extend((rnd.first + a + m, _irls_terms(jac[m], res[m])) for m in range(b - a))
@@ -415,9 +446,10 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     `check` (trajectories no step has seen) decides whether the result is kept. `budget`: the most
     denoiser evaluations to spend, all processes and stages together (None: no limit); a step is
     only started if the budget also affords the check. coefficients=True (multistep solvers): the
-    points alone are fitted first (as the refinement does, with SCHEDULE_SHARE of the budget), then the
-    solver's weights together with the points (offsets from the analytic ones, see
-    learned_coefficients; `batch` is then the joint fit's, default COEFFICIENT_BATCH), and
+    points alone are fitted first (as the refinement does, with SCHEDULE_SHARE of the budget, until
+    they stall), then the solver's weights and evaluation noise levels together with the points
+    (offsets from the analytic solver, see learned_coefficients; `batch` is then the joint fit's,
+    default COEFFICIENT_BATCH), and
     info['coefficients'] holds the kept table (None when the check rejects the result: the start is
     returned, with the analytic weights; or when no joint step was accepted). Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
@@ -435,7 +467,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
 
     def errors(ts, rounds, offsets=None):
         nonlocal spent
-        e, evals = warmup_errors(rounds, ts, solver, _with_coefficients(options, solver, ts, offsets), afs)
+        e, evals = warmup_errors(rounds, ts, solver, _with_coefficients(options, solver, ts, offsets, afs), afs)
         spent += dist.sum_over_ranks(evals)
         return e
 
@@ -461,17 +493,18 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     # The result (and the start) on the check set; with coefficients also the points-alone result.
     check_cost = nfe * check_size * (1 + int(start not in start_check) + int(bool(coefficients)))
     trace, offsets, joint_from, alone = [], None, None, None
-    phases = [(None, batch, nfe * (points - 1), budget)]     # (offsets, batch, Jacobian cost a trajectory, budget)
+    # (offsets, batch, Jacobian cost a trajectory, budget, smallest relative gain of a step that counts as progress)
+    phases = [(None, batch, nfe * (points - 1), budget, 0.0)]
     if coefficients:        # the points alone first (cheap steps), then points and weights together
-        slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options))
-        joint_cost = nfe * (points - 1) + sum(nfe - i for _, i, _ in slots)   # a weight of step i: the evaluations after it
+        slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options), afs)
+        joint_cost = nfe * (points - 1) + sum(slot_cost(slot, nfe, afs) for slot in slots)
         first = None if budget is None else spent + int(SCHEDULE_SHARE * (budget - spent))
         joint_step = joint_cost * min(batch, total) + nfe * total + check_cost
         if budget is not None and budget - first < joint_step:
             first = budget               # no joint step affordable after a shared first stage
-        phases = [(None, BATCH, nfe * (points - 1), first),
-                  (torch.zeros(len(slots), dtype=torch.float64), batch, joint_cost, budget)]
-    for offsets, batch, jacobian_cost, limit in phases:
+        phases = [(None, BATCH, nfe * (points - 1), first, STALL_GAIN),
+                  (torch.zeros(len(slots), dtype=torch.float64), batch, joint_cost, budget, 0.0)]
+    for offsets, batch, jacobian_cost, limit, stall in phases:
         damping, failures, cursor = 1e-2, 0, 0
         if offsets is not None:                  # the joint phase starts from the points-alone result
             joint_from, alone = len(trace), (t_steps.clone() if trace else None)
@@ -499,7 +532,8 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
                 damping *= 10
                 if damping > 1e4:
                     break
-            failures = 0 if accepted else failures + 1
+            progress = accepted and trace[-1][0] - trace[-1][1] > stall * trace[-1][0]
+            failures = 0 if progress else failures + 1
     # The check decides stage by stage: the points alone must beat the start, and the learned weights
     # (with their points) what the points alone kept; a joint fit the check does not confirm falls
     # back to the points-alone result, never below it.
@@ -529,7 +563,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace,
                 check=verdict, kept=kept, evals=spent, budget=budget, fit=total, compared_from=compared_from)
     if coefficients:
-        info.update(coefficients=learned_coefficients(solver, t_steps, options, offsets) if joint else None,
+        info.update(coefficients=learned_coefficients(solver, t_steps, options, offsets, afs) if joint else None,
                     offsets=offsets.tolist() if offsets is not None else None, check_points_alone=alone_verdict,
                     joint_steps=len(trace) - joint_from if joint_from is not None else 0)
     return t_steps, info
@@ -584,13 +618,13 @@ def refinement_check(check_rounds, t_tea, solver_tea, teacher_options, teacher_e
 
 def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, schedule_type='polynomial',
                   schedule_rho=7.0, solver_tea=gits.SOLVER_TEA, num_steps_tea=gits.NUM_STEPS_TEA, metric=gits.METRIC, coeff=gits.COEFF, afs=False,
-                  solver=None, model=None, all_num_steps=None, search='gits', refine=False, refine_budget=REFINE_BUDGET,
+                  solver=None, model=None, all_num_steps=None, search='gits', refine=False, refine_budget=None,
                   student_grid=21, compat=None, denoise_to_zero=False, refine_coefficients=False, **options):
     """gits.search_rounds with the solver-aware search and refinement. search='gits': the paper's
     Euler-step cost matrix and DP (with afs, plus its free step); 'student': the solver-aware DP
     (with afs, the first step's afs is priced, and the path has one more step at the same NFE).
     refine: then refine the best of GITS, solver-aware and fixed schedules on the warm-up set
-    with at most refine_budget times the teacher's evaluations, and keep each result only if the
+    with at most refine_budget times the teacher's evaluations (None: default_refine_budget), and keep each result only if the
     teacher runs of `check_rounds` (this rank's (first, denoise, noise) of the check seeds, indexed
     from 0) confirm it; their teacher evaluations come out of that budget. Returns
     ({num_steps: t_steps}, info). compat and denoise_to_zero go to gits.search_rounds (compat is
@@ -615,6 +649,7 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
         flag = '--refine_coefficients' if refine_coefficients else '--refine' if refine else '--search'
         raise ValueError(f'{flag}: the solver-aware search and refinement are not in the paper\'s code; '
                          f'drop {flag} or --compat={compat}')
+    refine_budget = refine_budget or default_refine_budget(refine_coefficients)
     # The paper's teacher runs (their cost matrices wanted only for the GITS schedule a refinement starts from).
     timing = dict(teacher=0.0, cost=0.0, dp=0.0, afs=0.0, student=0.0, check=0.0, refine=0.0)
     base = gits.start_search(rounds, **paper, compat=None, metric=metric if refine else None, timing=timing, **options)

@@ -1,10 +1,12 @@
 """Benchmark of the schedule searches on the exact analytic models (issues 4, 10 and 16).
 
-    python benchmarks/gits.py                       # default: about 17 minutes on 2 quiet CPU cores
+    python benchmarks/gits.py --solvers=ipndm,dpmpp,unipc     # about 45 minutes on 2 quiet CPU cores
     python benchmarks/gits.py --datasets=gmm --solvers=ipndm,unipc --nfes=5,10 --num_eval=128
 
-Defaults: models digits, gmm and gmm_wavelet; all 8 solvers; NFE 5, 6, 8, 10; 256 warm-up seeds
-(the search's) and 512 held-out seeds (the measurement's); refinement budget sample.py's default.
+Defaults: models digits, gmm and gmm_wavelet; all 8 solvers; NFE 3, 4, 5, 6, 8, 10; 256 warm-up
+seeds (the search's) and 512 held-out seeds (the measurement's); the refinement's budget and each
+recipe's are sample.py's defaults (6 teacher runs; 12 for learned coefficients), or --refine_budget
+for all of them.
 
 For every model, solver and NFE (a cell) it measures the RMSE to `exact()` (the ODE solved to
 1e-9) on the held-out seeds, mean and standard error over seeds, of
@@ -148,21 +150,30 @@ def student_found(ctx, points, solver, options, afs):
 # (same solver) and with the peer on the held-out seeds, paired.
 
 class Recipe:
-    def __init__(self, applies, run, label):
-        self.applies, self.run, self.label = applies, run, label
+    def __init__(self, applies, run, label, budget=None):
+        # budget: its default in teacher runs (None: the refinement's); --refine_budget overrides both
+        self.applies, self.run, self.label, self.budget = applies, run, label, budget
 
 
 def learned_recipe(ctx, solver, options, afs, found, points, budget):
-    """Issue 29: the refinement fitting the solver's weights with the points (refine_found with
-    coefficients=True), from the same starts and with the same budget."""
+    """Issue 29: the refinement fitting the solver's weights and evaluation noise levels with the
+    points (refine_found with coefficients=True), from the same starts and warm-up and check sets."""
     _, t_steps, info = student_search.refine_found(ctx.data, ctx.check, ctx.t_tea, found, points, solver, options,
                                                    afs, budget, {}, coefficients=True)
     return t_steps, info['coefficients'], info
 
 
+def multistep(solver):
+    return solver in solvers.MULTISTEP
+
+
 RECIPES = {
-    'learned': Recipe(lambda solver: solver in solvers.MULTISTEP, learned_recipe, 'learned coefficients'),
+    'learned': Recipe(multistep, learned_recipe, 'learned coefficients',
+                      budget=student_search.default_refine_budget(coefficients=True)),
+    # The same fit at the refinement's own budget: what the larger default buys.
+    'learned_same_budget': Recipe(multistep, learned_recipe, 'learned coefficients at the refinement\'s budget'),
 }
+DEFAULT_RECIPES = ('learned',)
 
 
 def budget_error(e, solver, nfe, budget):
@@ -171,14 +182,16 @@ def budget_error(e, solver, nfe, budget):
     raise dnnlib.util.UserError(f'{e} ({solver}, NFE {nfe}: {budget} evaluations left)')
 
 
-def run_recipes(ctx, solver, nfe, options, afs, found, points, budget, errors):
-    """Every recipe of --recipes that applies to `solver`: its held-out errors go into `errors`
-    (under its name); returns {name: record}."""
+def run_recipes(ctx, solver, nfe, options, afs, found, points, errors):
+    """Every recipe of --recipes that applies to `solver`, each with its own budget: its held-out
+    errors go into `errors` (under its name); returns {name: record}."""
     out = {}
     for name in ctx.opts.recipe_list:
         recipe = RECIPES[name]
         if not recipe.applies(solver):
             continue
+        budget = student_search.schedule_budget(ctx.opts.refine_budget or recipe.budget or student_search.REFINE_BUDGET,
+                                                ctx.teacher_evals, ctx.check_evals, 1)
         t0 = time.perf_counter()
         try:
             t_steps, coefficients, info = recipe.run(ctx, solver, options, afs, found, points, budget)
@@ -202,7 +215,8 @@ def run_cell(ctx, solver, nfe):
     student_path, student_evals, student_seconds = student_found(ctx, points, solver, options, afs)
     found = {k: p for k, p in (('gits', gits_path), ('student', student_path)) if p is not None and len(p) == points}
 
-    budget = student_search.schedule_budget(ctx.opts.refine_budget, ctx.teacher_evals, ctx.check_evals, 1)
+    budget = student_search.schedule_budget(ctx.opts.refine_budget or student_search.REFINE_BUDGET, ctx.teacher_evals,
+                                            ctx.check_evals, 1)
     t0 = time.perf_counter()
     try:
         inits, refined, info = student_search.refine_found(ctx.data, ctx.check, ctx.t_tea, found, points, solver,
@@ -230,7 +244,7 @@ def run_cell(ctx, solver, nfe):
               **paired(errors['refined'], errors[best_start]))
     vs['verdict'] = verdict(vs)
     rmse = {k: stats(e) for k, e in errors.items()}
-    recipes = run_recipes(ctx, solver, nfe, options, afs, found, points, budget, errors)
+    recipes = run_recipes(ctx, solver, nfe, options, afs, found, points, errors)
     row = dict(points=points, afs=afs, best_fixed=best_fixed, rmse=rmse, recipes=recipes,
                vs_best_start=vs, rotation_vs_gits=paired(errors['rotation'], errors['gits']), outcome=outcome(info), refine=info,
                cost=dict(student_evals=student_evals, student_seconds=student_seconds, afs_evals=afs_evals,
@@ -684,7 +698,7 @@ def check_options(datasets, solver_names, nfes, opts, recipe_names=''):
 @click.option('--datasets', default='digits,gmm,gmm_wavelet', show_default=True)
 @click.option('--solvers', 'solver_names', default=','.join(ALL_SOLVERS), show_default=True)
 @click.option('--nfes', default='3,4,5,6,8,10', show_default=True)
-@click.option('--recipes', 'recipe_names', default=','.join(RECIPES), show_default=True,
+@click.option('--recipes', 'recipe_names', default=','.join(DEFAULT_RECIPES), show_default=True,
               help='Recipes measured beside the refinement (empty: none)')
 @click.option('--num_warmup', type=click.IntRange(min=1), default=gits.NUM_WARMUP, show_default=True)
 @click.option('--num_eval', type=click.IntRange(min=2), default=512, show_default=True)
@@ -693,9 +707,9 @@ def check_options(datasets, solver_names, nfes, opts, recipe_names=''):
 @click.option('--num_steps_tea', type=click.IntRange(min=3), default=gits.NUM_STEPS_TEA, show_default=True)
 @click.option('--solver_tea', default=gits.SOLVER_TEA, show_default=True)
 @click.option('--student_grid', type=int, default=21, show_default=True, help='Candidate points of the solver-aware DP')
-@click.option('--refine_budget', type=click.FloatRange(min=0, min_open=True), default=student_search.REFINE_BUDGET,
-              show_default=True,
-              help='Refinement evaluations / teacher evaluations')
+@click.option('--refine_budget', type=click.FloatRange(min=0, min_open=True), default=None,
+              help='Refinement evaluations / teacher evaluations, for the refinement and every recipe '
+                   f'[default: {student_search.REFINE_BUDGET:g}; learned: {student_search.REFINE_BUDGET_COEFFICIENTS:g}]')
 @click.option('--threads', type=int, default=2, show_default=True)
 @click.option('--out', default=os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results', 'gits.json'),
               show_default=True, help='JSON results; the markdown tables go next to it (.md)')

@@ -11,6 +11,7 @@ import torch
 import gits
 import solver_utils
 import solvers
+import student_search
 from helpers import assert_one_line_error, run_cli
 from torch_utils.seeds import draw_seed_inputs
 
@@ -27,8 +28,11 @@ def test_gits_benchmark_small_run(tmp_path):
         for nfe in ('3', '6'):
             row = res['solvers'][solver][nfe]
             assert row['cost']['refine_evals'] <= row['cost']['refine_budget']
-            learned = row['recipes']['learned']          # issue 29: same budget, paired with the refined schedule
-            assert learned['evals'] <= learned['budget'] == row['cost']['refine_budget']
+            learned = row['recipes']['learned']          # issue 29: its own default budget, paired with the refined schedule
+            assert learned['evals'] <= learned['budget'] == student_search.schedule_budget(
+                student_search.REFINE_BUDGET_COEFFICIENTS, res['teacher']['evals'], row['cost']['check_evals'], 1)
+            assert row['cost']['refine_budget'] == student_search.schedule_budget(
+                student_search.REFINE_BUDGET, res['teacher']['evals'], row['cost']['check_evals'], 1)
             assert learned['outcome'] in ('kept', 'rejected', 'no step')
             assert learned['ratio_refined'] == pytest.approx(learned['rmse']['mean'] / row['rmse']['refined']['mean'])
             assert (learned['coefficients'] is not None) == (learned['outcome'] == 'kept' and

@@ -13,6 +13,7 @@ import gits
 import run_schedule
 import sample
 import schedules
+import solver_utils
 import solvers
 import student_search
 from helpers import assert_one_line_error, run_here
@@ -34,6 +35,11 @@ def test_analytic_coefficients_passed_explicitly_are_bit_identical(gmm, solver, 
     assert json.loads(json.dumps(analytic)) == analytic           # what schedule files and run.json store
     explicit = fn(gmm.denoise, x, ts, afs=afs, return_inters=True, coefficients=analytic, **options)[1]
     assert torch.equal(explicit, today)
+    # Evaluation noise levels equal to the schedule's: the same run too.
+    outputs = len(analytic['predictor'])
+    same = fn(gmm.denoise, x, ts, afs=afs, return_inters=True, coefficients=dict(analytic, sigmas=ts[:outputs].tolist()),
+              **options)[1]
+    assert torch.equal(same, today)
     # The table is used: a changed last-step weight moves only the last point, by that change times
     # the output it weights (the model output at the second-to-last point, in the solver's form).
     changed = json.loads(json.dumps(analytic))
@@ -51,6 +57,27 @@ def test_analytic_coefficients_passed_explicitly_are_bit_identical(gmm, solver, 
     torch.testing.assert_close(moved[-1] - today[-1], 0.25 * m, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize('solver,options', [('ipndm', {}), ('dpmpp', {}), ('unipc', dict(max_order=2))])
+def test_evaluation_sigmas_move_only_the_denoiser_calls(gmm, solver, options):
+    """sigmas[j] is the noise level the denoiser sees for the output at t_j, and nothing else: the
+    run equals the analytic solver on a denoiser that maps t_j to s_j."""
+    x = torch.randn(3, *gmm.shape, generator=torch.Generator().manual_seed(4)) * 80
+    ts = schedules.get_schedule(6, 0.002, 80, 'logsnr')
+    analytic = solvers.analytic_coefficients(solver, ts, **options)
+    sigmas = [float(t) * (1 + 0.1 * (j % 3 - 1)) for j, t in enumerate(ts[:len(analytic['predictor'])])]
+    seen = []
+
+    def recorded(x, sigma):
+        seen.append(float(sigma))
+        return gmm.denoise(x, sigma)
+    shifted = solvers.SOLVERS[solver](recorded, x, ts, coefficients=dict(analytic, sigmas=sigmas), **options)
+    assert seen == sigmas
+    moved = dict(zip(ts[:len(sigmas)].tolist(), sigmas))
+    mapped = solvers.SOLVERS[solver](lambda x, sigma: gmm.denoise(x, moved[float(sigma)]), x, ts, **options)
+    assert torch.equal(shifted, mapped)
+    assert not torch.equal(shifted, solvers.SOLVERS[solver](gmm.denoise, x, ts, **options))
+
+
 def test_coefficient_tables_of_another_shape_are_refused(gmm):
     x = torch.randn(2, *gmm.shape) * 80
     ts = schedules.get_schedule(5, 0.002, 80)
@@ -59,6 +86,9 @@ def test_coefficient_tables_of_another_shape_are_refused(gmm):
         solvers.ipndm(gmm.denoise, x, ts, max_order=3, coefficients=order2)
     with pytest.raises(ValueError, match='rows'):                      # a schedule of another length
         solvers.ipndm(gmm.denoise, x, ts[1:], max_order=2, coefficients=order2)
+    for sigmas in (ts[:3].tolist(), [80.0, 10.0, -1.0, 0.1]):          # one per output (4), all positive
+        with pytest.raises(ValueError, match='sigmas must be 4 positive'):
+            solvers.ipndm(gmm.denoise, x, ts, max_order=2, coefficients=dict(order2, sigmas=sigmas))
     with pytest.raises(ValueError, match='parts'):                     # unipc's table has a corrector
         solvers.unipc(gmm.denoise, x, ts, max_order=2, coefficients=solvers.analytic_coefficients('dpmpp', ts, max_order=2))
 
@@ -86,10 +116,11 @@ def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, mo
     # The objective on the warm-up set, recomputed from the result: below the start's, as the trace says.
     offsets = torch.tensor(info['offsets'], dtype=torch.float64)
     assert offsets.abs().max() > 0
-    slots = student_search.coefficient_slots(solvers.analytic_coefficients(solver, start, **options))
-    assert len(offsets) == len(slots) == sum(len(r) for part in ('predictor', 'corrector')
-                                             for r in solvers.analytic_coefficients(solver, start, **options).get(part, [])
-                                             if r is not None)
+    analytic = solvers.analytic_coefficients(solver, start, **options)
+    slots = student_search.coefficient_slots(analytic)
+    weights = sum(len(r) for part in ('predictor', 'corrector') for r in analytic.get(part, []) if r is not None)
+    assert len(offsets) == len(slots) == weights + len(start) - 1      # and one noise level per evaluation
+    assert [slot for slot in slots if slot[0] == 'sigmas'] == [('sigmas', j, 0) for j in range(len(start) - 1)]
     trace = info['trace']
     assert all(after < before for before, after in trace)
     assert info['kept'], info['check']            # digits at 3 steps: learned weights beat the start clearly
@@ -126,6 +157,52 @@ def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, mo
     assert not torch.equal(ts3, start) and not torch.equal(ts3, ts)
     alone_check, _ = student_search.warmup_errors(check, ts3, solver, options)
     assert torch.equal(alone_check, judged[0])
+
+
+@pytest.mark.parametrize('afs', [False, True])
+@pytest.mark.parametrize('solver', ['ipndm', 'unipc'])
+def test_jacobian_columns_cost_at_most_their_slot_cost(fit_data, solver, afs):
+    """The budget's estimate of a joint Jacobian never undercounts: a column of a weight or a noise
+    level replays the base run up to the first evaluation it changes and pays the rest, at most
+    slot_cost evaluations a trajectory (exactly, for a noise level)."""
+    data, _, _ = fit_data
+    rnd = data[0]
+    options = solvers.resolve_options(solver, {})
+    ts = schedules.get_schedule(6, 0.002, 80, 'logsnr')
+    nfe = solvers.count_nfe(solver, len(ts), afs)
+    slots = student_search.coefficient_slots(solvers.analytic_coefficients(solver, ts, **options), afs)
+    assert len([s for s in slots if s[0] == 'sigmas']) == len(ts) - 1 - int(afs)
+    base = torch.zeros(len(slots), dtype=torch.float64)
+    tape = solver_utils.Recorder(rnd.denoise, keep=True)
+    student_search._run(tape, rnd, 0, 4, ts, solver, student_search._with_coefficients(options, solver, ts, base, afs), afs)
+    assert tape.evals == 4 * nfe
+    for k, slot in enumerate(slots):
+        moved = base.clone()
+        moved[k] += 0.01
+        replay = student_search._Replay(rnd.denoise, tape)
+        student_search._run(replay, rnd, 0, 4, ts, solver, student_search._with_coefficients(options, solver, ts, moved, afs),
+                            afs)
+        cost = student_search.slot_cost(slot, nfe, afs)
+        assert replay.evals <= 4 * cost, slot
+        if slot[0] == 'sigmas':
+            assert replay.evals == 4 * cost, slot
+
+
+def test_the_default_budget_is_larger_with_coefficients(digits):
+    """--refine_budget's default: 6 teacher runs for the refinement, 12 when it also learns
+    coefficients (the points alone get about the refinement's share, the joint fit the rest)."""
+    lat = torch.randn(12, *digits.shape, generator=torch.Generator().manual_seed(3))
+    common = dict(num_steps=3, sigma_min=0.002, sigma_max=80, num_steps_tea=9, solver='unipc', refine=True,
+                  student_grid=5)
+    assert (student_search.default_refine_budget(False), student_search.default_refine_budget(True)) == (6, 12)
+    for coefficients in (False, True):
+        _, info = student_search.search_rounds(gits.warmup_split(digits.denoise, lat[:8]),
+                                               check_rounds=gits.warmup_split(digits.denoise, lat[8:]),
+                                               refine_coefficients=coefficients, **common)
+        refined = info['refined']['3']
+        assert refined['budget'] == student_search.schedule_budget(
+            student_search.default_refine_budget(coefficients), info['evals']['teacher'], info['evals']['check'], 1)
+        assert 0 < refined['evals'] <= refined['budget']
 
 
 def sample_cli(*args):
