@@ -308,19 +308,20 @@ def schedule_from_file(opts, solver_options):
         t_steps = schedules.check_t_steps(record['schedules'][key])
         coefficients = (record.get('coefficients') or {}).get(key)
         if coefficients is not None:
-            coefficients = checked_coefficients(opts.solver, t_steps, solver_options, coefficients)
+            coefficients = checked_coefficients(opts.solver, t_steps, solver_options, coefficients, bool(opts.afs))
     except (ValueError, TypeError) as e:
         raise UserError(f'--schedule_file: "{path}": {e}') from None
     return t_steps, coefficients
 
 
-def checked_coefficients(solver, t_steps, solver_options, coefficients):
-    """`coefficients` if they fit the solver's table on t_steps (ValueError in one line if not)."""
+def checked_coefficients(solver, t_steps, solver_options, coefficients, afs=False):
+    """`coefficients` if they fit the solver's table on t_steps, with or without afs (ValueError in
+    one line if not)."""
     if solver not in solvers.MULTISTEP:
         raise ValueError(f'learned coefficients are for a multistep solver ({", ".join(solvers.MULTISTEP)}), '
                          f'not {solver}')
     if not isinstance(coefficients, dict):
         raise ValueError('coefficients: not a table')
     _, table, corrector = solvers.multistep_tables(solver, t_steps, **solver_options)
-    solvers.with_coefficients(table, corrector, coefficients)
+    solvers.with_coefficients(table, corrector, coefficients, float(t_steps[0]) if afs else None)
     return coefficients

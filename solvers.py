@@ -250,10 +250,11 @@ def _validated(name, compat, ts, **options):
 #
 # sigmas[j] is the noise level passed to the denoiser for the output at t_j (the solver still
 # combines it as the output at t_j: the slope divides by t_j); absent, s_j = t_j. With afs the
-# first output is not evaluated and s_0 is not used. A learned s_j != t_j lets the fit correct
+# first output is not evaluated, and s_0 must be t_0. A learned s_j != t_j lets the fit correct
 # the state's own error (the student's x_j is not exactly on the teacher's trajectory at t_j);
-# the fit with these shifts beats the weights alone by far (docs/gits.md). None: the analytic solver. The analytic table in this form
-# (`analytic_coefficients`) gives the same run bit for bit, because the floats are the same.
+# the fit with these shifts beats the weights alone by far (docs/gits.md). None: the analytic
+# solver. The analytic table in this form (`analytic_coefficients`) gives the same run bit for
+# bit, because the floats are the same.
 
 def _weights(rows):
     return [None if r is None else [float(w) for w in r[1]] for r in rows]
@@ -286,25 +287,29 @@ def _replaced(rows, weights, part):
     return tuple(out)
 
 
-def _evaluation_sigmas(sigmas, count):
+def _evaluation_sigmas(sigmas, count, afs_t0):
     if sigmas is None:
         return None
     if len(sigmas) != count or not all(float(s) > 0 for s in sigmas):
         raise ValueError(f'coefficients: sigmas must be {count} positive noise levels, one per model output '
                          f'(got {len(sigmas)})')
+    if afs_t0 is not None and float(sigmas[0]) != float(afs_t0):
+        raise ValueError(f'coefficients: with afs the first output is not evaluated, so sigmas[0] must be '
+                         f't_0 = {float(afs_t0)!r} (got {float(sigmas[0])!r})')
     return tuple(float(s) for s in sigmas)
 
 
-def with_coefficients(table, corrector, coefficients):
+def with_coefficients(table, corrector, coefficients, afs_t0=None):
     """(table, corrector, evaluation sigmas or None) with the weights and noise levels of
-    `coefficients` (None: unchanged). ValueError in one line when the shapes differ (other solver,
-    max_order, length or form options)."""
+    `coefficients` (None: unchanged); afs_t0: the schedule's t_0 when afs saves the first
+    evaluation (its noise level must stay t_0). ValueError in one line when the shapes differ
+    (other solver, max_order, length or form options)."""
     if coefficients is None:
         return table, corrector, None
     parts = {'predictor', 'corrector'} if corrector is not None else {'predictor'}
     if set(coefficients) - {'sigmas'} != parts:
         raise ValueError(f'coefficients: parts {sorted(coefficients)} do not fit this solver')
-    sigmas = _evaluation_sigmas(coefficients.get('sigmas'), output_count(table, corrector))
+    sigmas = _evaluation_sigmas(coefficients.get('sigmas'), output_count(table, corrector), afs_t0)
     table = _replaced(table, coefficients['predictor'], 'predictor')
     if corrector is not None:
         corrector = _replaced(corrector, coefficients['corrector'], 'corrector')
@@ -332,7 +337,7 @@ def _run_multistep(name, denoise, x, t_steps, afs, denoise_to_zero, return_inter
     ts = tuple(_floats(t_steps))
     opts = _validated(name, compat, ts, **options)
     form, table, corrector = MULTISTEP[name](ts, compat, **opts)
-    table, corrector, sigmas = with_coefficients(table, corrector, coefficients)
+    table, corrector, sigmas = with_coefficients(table, corrector, coefficients, ts[0] if afs else None)
     return _multistep(denoise, x, ts, table, form, afs, denoise_to_zero, return_inters, corrector=corrector,
                       thresholding=opts.get('thresholding', False), sigmas=sigmas)
 

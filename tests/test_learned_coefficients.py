@@ -89,6 +89,14 @@ def test_coefficient_tables_of_another_shape_are_refused(gmm):
     for sigmas in (ts[:3].tolist(), [80.0, 10.0, -1.0, 0.1]):          # one per output (4), all positive
         with pytest.raises(ValueError, match='sigmas must be 4 positive'):
             solvers.ipndm(gmm.denoise, x, ts, max_order=2, coefficients=dict(order2, sigmas=sigmas))
+    shifted = [float(t) for t in ts[:4]]
+    shifted[0] /= 2
+    solvers.ipndm(gmm.denoise, x, ts, max_order=2, coefficients=dict(order2, sigmas=shifted))
+    with pytest.raises(ValueError, match='with afs the first output is not evaluated'):   # s_0 would be ignored
+        solvers.ipndm(gmm.denoise, x, ts, max_order=2, afs=True, coefficients=dict(order2, sigmas=shifted))
+    with pytest.raises(ValueError, match='with afs the first output is not evaluated'):   # a schedule file's check
+        run_schedule.checked_coefficients('ipndm', ts, dict(max_order=2), dict(order2, sigmas=shifted), afs=True)
+    assert run_schedule.checked_coefficients('ipndm', ts, dict(max_order=2), dict(order2, sigmas=shifted))
     with pytest.raises(ValueError, match='parts'):                     # unipc's table has a corrector
         solvers.unipc(gmm.denoise, x, ts, max_order=2, coefficients=solvers.analytic_coefficients('dpmpp', ts, max_order=2))
 
@@ -263,6 +271,13 @@ def test_mismatched_coefficient_files_are_refused_in_one_line(learned_file, tmp_
                    f'--outdir={tmp_path / "out"}')
     assert_one_line_error(r, '--schedule_file')
     assert 'predictor step 1' in r.stderr and not (tmp_path / 'out').exists()
+    record['coefficients']['4'] = dict(solvers.analytic_coefficients('unipc', record['schedules']['4'], max_order=2),
+                                       sigmas=record['schedules']['4'][:2])      # 3 outputs at 4 points
+    edited.write_text(json.dumps(record))
+    r = sample_cli('--solver=unipc', '--max_order=2', f'--schedule_file={edited}', '--num_steps=4', '--seeds=0',
+                   f'--outdir={tmp_path / "out"}')
+    assert_one_line_error(r, '--schedule_file')
+    assert 'sigmas must be 3 positive noise levels' in r.stderr and not (tmp_path / 'out').exists()
 
 
 @pytest.mark.parametrize('args,why', [
