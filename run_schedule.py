@@ -242,8 +242,7 @@ def save_schedules(path, found, opts, info, sigma_min, sigma_max, model=None):
         schedule_rho=opts.schedule_rho, sigma_min=float(sigma_min), sigma_max=float(sigma_max), metric=opts.metric,
         coeff=opts.coeff, solver_tea=opts.solver_tea, num_steps_tea=opts.num_steps_tea, num_warmup=opts.num_warmup,
         warmup_seed=opts.warmup_seed, search=info['search'], refine=info['refine'],
-        refine_budget=(opts.refine_budget or student_search.default_refine_budget(opts.refine_coefficients))
-        if info['refine'] else None,
+        refine_budget=info.get('refine_budget'),    # the search's own, default resolved
         guidance_type=opts.guidance_type, guidance_rate=opts.guidance_rate, class_idx=opts.class_idx,   # provenance
         schedules={str(n): [float(t) for t in ts] for n, ts in sorted(found.items())},
         t_steps_text={str(n): schedules.format_t_steps(ts) for n, ts in sorted(found.items())},

@@ -270,7 +270,8 @@ def coefficients_of(table, corrector=None):
 
 def output_count(table, corrector=None):
     """The model outputs a run of (table, corrector) combines: one at t_0 and one after every step
-    that another step follows or that is corrected."""
+    that another step follows or that is corrected. Also for the rows of a `coefficients` table
+    (its predictor and corrector lists)."""
     return len(table) + int(corrector is not None and corrector[-1] is not None)
 
 

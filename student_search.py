@@ -291,18 +291,13 @@ def default_refine_budget(coefficients=False):
     return REFINE_BUDGET_COEFFICIENTS if coefficients else REFINE_BUDGET
 
 
-def _outputs(analytic):
-    """The model outputs a run of an analytic `coefficients` table combines (solvers.output_count)."""
-    corrector = analytic.get('corrector')
-    return len(analytic['predictor']) + int(bool(corrector) and corrector[-1] is not None)
-
-
 def coefficient_slots(analytic, afs=False):
     """(part, step, k) of every weight of an analytic `coefficients` table, in parameter order,
     then ('sigmas', j, 0) for every model output that is evaluated (its noise level's shift)."""
     weights = [(part, i, k) for part in ('predictor', 'corrector') for i, row in enumerate(analytic.get(part) or [])
                if row is not None for k in range(len(row))]
-    return weights + [('sigmas', j, 0) for j in range(int(bool(afs)), _outputs(analytic))]
+    outputs = solvers.output_count(analytic['predictor'], analytic.get('corrector'))
+    return weights + [('sigmas', j, 0) for j in range(int(bool(afs)), outputs)]
 
 
 def slot_cost(slot, nfe, afs=False):
@@ -319,7 +314,8 @@ def learned_coefficients(solver, t_steps, options, offsets, afs=False):
     analytic = solvers.analytic_coefficients(solver, t_steps, **options)
     sizes = [sum(row) for row in analytic['predictor']]
     out = {part: [None if row is None else list(row) for row in rows] for part, rows in analytic.items()}
-    out['sigmas'] = [float(t) for t in t_steps[:_outputs(analytic)]]
+    outputs = solvers.output_count(analytic['predictor'], analytic.get('corrector'))
+    out['sigmas'] = [float(t) for t in t_steps[:outputs]]
     for (part, i, k), value in zip(coefficient_slots(analytic, afs), offsets.tolist()):
         if part == 'sigmas':
             out['sigmas'][i] *= math.exp(value)
@@ -624,11 +620,12 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
     Euler-step cost matrix and DP (with afs, plus its free step); 'student': the solver-aware DP
     (with afs, the first step's afs is priced, and the path has one more step at the same NFE).
     refine: then refine the best of GITS, solver-aware and fixed schedules on the warm-up set
-    with at most refine_budget times the teacher's evaluations (None: default_refine_budget), and keep each result only if the
-    teacher runs of `check_rounds` (this rank's (first, denoise, noise) of the check seeds, indexed
-    from 0) confirm it; their teacher evaluations come out of that budget. Returns
-    ({num_steps: t_steps}, info). compat and denoise_to_zero go to gits.search_rounds (compat is
-    the paper's search only). refine_coefficients: the refinement also fits the solver's weights
+    with at most refine_budget times the teacher's evaluations (None: default_refine_budget; the
+    one used is info['refine_budget']), and keep each result only if the teacher runs of
+    `check_rounds` (this rank's (first, denoise, noise) of the check seeds, indexed from 0) confirm
+    it; their teacher evaluations come out of that budget. Returns ({num_steps: t_steps}, info).
+    compat and denoise_to_zero go to gits.search_rounds (compat is the paper's search only).
+    refine_coefficients: the refinement also fits the solver's weights and evaluation noise levels
     (a multistep solver's; info['refined'][n]['coefficients'] holds those kept, None if rejected)."""
     if search not in SEARCH_MODES:
         raise ValueError(f'--search: unknown mode "{search}"; choose one of {", ".join(SEARCH_MODES)}')
@@ -696,7 +693,8 @@ def search_rounds(rounds, *, num_steps, check_rounds=(), sigma_min, sigma_max, s
                 evals=dict(teacher=base.teacher_evals, afs=afs_evals, student=student_evals, check=check_evals,
                            refine=sum(r['evals'] for r in refined.values())),
                 num_check=num_check,
-                refined=refined, search=search, refine=bool(refine), metric=metric, coeff=coeff,
+                refined=refined, search=search, refine=bool(refine), refine_budget=refine_budget if refine else None,
+                metric=metric, coeff=coeff,
                 solver_tea=solver_tea, num_steps_tea=num_steps_tea, teacher_options=base.teacher_options, compat=None,
                 seconds=timing)
     return schedules, info

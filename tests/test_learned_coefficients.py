@@ -208,6 +208,7 @@ def test_the_default_budget_is_larger_with_coefficients(digits):
                                                check_rounds=gits.warmup_split(digits.denoise, lat[8:]),
                                                refine_coefficients=coefficients, **common)
         refined = info['refined']['3']
+        assert info['refine_budget'] == student_search.default_refine_budget(coefficients)   # what files record
         assert refined['budget'] == student_search.schedule_budget(
             student_search.default_refine_budget(coefficients), info['evals']['teacher'], info['evals']['check'], 1)
         assert 0 < refined['evals'] <= refined['budget']
@@ -231,6 +232,7 @@ def learned_file(tmp_path_factory):
 def test_schedule_files_with_coefficients_round_trip_into_run_json(learned_file, tmp_path, digits):
     record = json.loads(learned_file.read_text())
     assert record['refine_coefficients'] is True and set(record['coefficients']) == {'3', '4'}
+    assert record['refine_budget'] == 40
     kept = {n: c for n, c in record['coefficients'].items() if c is not None}
     assert kept, 'the search kept no learned coefficients'
     n, table = next(iter(kept.items()))
