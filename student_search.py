@@ -236,19 +236,76 @@ def _slices(data, lo, hi):
             yield rnd, a, b
 
 
-def _run(denoise, rnd, a, b, t_steps, solver, options, afs):
+def _run(denoise, rnd, a, b, t_steps, solver, options, afs, path=False):
+    """The student's final points; path=True: all its states [points, rows, ...]."""
     with torch.no_grad():
-        return solvers.SOLVERS[solver](denoise, rnd.latents[a:b] * float(t_steps[0]), t_steps, afs=afs, **options)
+        out = solvers.SOLVERS[solver](denoise, rnd.latents[a:b] * float(t_steps[0]), t_steps, afs=afs,
+                                      return_inters=path, **options)
+    return out[1] if path else out
 
 
-def warmup_errors(data, t_steps, solver, options, afs=False):
+# The path objective (learned coefficients, issue 29): the final point alone is a poor guide where
+# the data are discrete (digits): most trajectories end within 1e-4 of the teacher's and a few on
+# another training image, and their errors carry the mean but barely move with the parameters (the
+# last denoiser snaps them). Which image a trajectory ends on is decided at intermediate noise
+# levels, so the path objective also compares the student's state at each interior point t_k
+# with the teacher's state there (S4S matches the teacher at every student step), each divided by
+# max(t_k, 1): about how much the rest of the flow shrinks an error made at t_k (the map from
+# noise level t to the data contracts by about sigma_data / t at high noise). The teacher's state
+# between its grid points is the cubic Hermite interpolant of its points and slopes (`teacher_state`).
+# The final point alone stays the measure of the check (the benchmark's, the user's).
+
+PATH_WEIGHT = 1.0      # the interior states' weight against the final point's in the path objective
+
+
+def teacher_state(rnd, t_tea, t, a=0, b=None):
+    """The teacher's state at noise level t (rows [a, b) of `rnd`): its grid point where t is one,
+    else the cubic Hermite interpolant of the two grid points around t and the teacher's slopes
+    dx/dt there (linear in the last interval, which has no slope at its end)."""
+    b = rnd.size if b is None else b
+    on_grid = (t_tea == t).nonzero()
+    if len(on_grid):
+        return rnd.xs[int(on_grid[0]), a:b]
+    k = min(max(int((t_tea >= t).sum()) - 1, 0), len(t_tea) - 2)      # t_tea[k] > t > t_tea[k + 1]
+    t0, t1 = float(t_tea[k]), float(t_tea[k + 1])
+    x0, x1 = rnd.xs[k, a:b], rnd.xs[k + 1, a:b]
+    h, s = t1 - t0, (t - t0) / (t1 - t0)
+    if k + 1 >= rnd.ds.shape[0]:
+        return x0 + s * (x1 - x0)
+    d0, d1 = rnd.ds[k, a:b], rnd.ds[k + 1, a:b]
+    return ((2 * s ** 3 - 3 * s ** 2 + 1) * x0 + (s ** 3 - 2 * s ** 2 + s) * h * d0
+            + (3 * s ** 2 - 2 * s ** 3) * x1 + (s ** 3 - s ** 2) * h * d1)
+
+
+def path_targets(rnd, a, b, t_tea, t_steps):
+    """The teacher's states at the interior points of t_steps (rows [a, b))."""
+    return [teacher_state(rnd, t_tea, float(t), a, b) for t in t_steps[1:-1]]
+
+
+def _path_residual(states, final, t_steps, targets):
+    """The path objective's residual [rows, ...] of a run (float64, flattened per row) from all its
+    states: its final point's difference from `final`, then each interior state's from the
+    teacher's (`targets`), weighted."""
+    parts = [(states[-1].to(torch.float64) - final.to(torch.float64)).flatten(1)]
+    for x, target, t in zip(states[1:-1], targets, t_steps[1:-1]):
+        parts.append((x.to(torch.float64) - target.to(torch.float64)).flatten(1) * (PATH_WEIGHT / max(float(t), 1.0)))
+    return torch.cat(parts, dim=1)
+
+
+def warmup_errors(data, t_steps, solver, options, afs=False, path_grid=None):
     """Per-trajectory RMSE (all processes, in index order) of the student's final point against
     the teacher's, over the trajectories of the teacher rounds `data`; and the evaluations spent
-    on this rank."""
+    on this rank. path_grid (the teacher grid): the path objective's per-trajectory value instead
+    (the norm of the residual, over the square root of the point's size, as the RMSE)."""
     rows, evals = [], 0
     for rnd, a, b in _slices(data, 0, None):
         counter = solver_utils.Recorder(rnd.denoise)
-        e = misc.per_seed_rmse(_run(counter, rnd, a, b, t_steps, solver, options, afs), rnd.xs[-1, a:b])
+        states = _run(counter, rnd, a, b, t_steps, solver, options, afs, path=path_grid is not None)
+        if path_grid is None:
+            e = misc.per_seed_rmse(states, rnd.xs[-1, a:b])
+        else:
+            res = _path_residual(states, rnd.xs[-1, a:b], t_steps, path_targets(rnd, a, b, path_grid, t_steps))
+            e = (res.square().mean(-1) * res.shape[1] / rnd.xs[-1, a].numel()).sqrt().cpu()
         evals += counter.evals
         rows.extend((rnd.first + a + m, e[m]) for m in range(b - a))
     return dist.gather_in_order(rows), evals
@@ -282,8 +339,13 @@ REFINE_BUDGET_COEFFICIENTS = 12.0   # the default budget with coefficients: abou
                               # NFE 4 on; benchmarks/results/gits_learned_budget.json, docs/gits.md)
 STALL_GAIN = 1e-5             # the points alone stop after 3 steps in a row that gain less than this (relative):
                               # the refinement often crawls on at 1e-7-1e-6 a step, and the joint fit needs that budget
+MAX_LOG_SHIFT = 2.0           # the largest |log(s_j / t_j)| of an evaluation's noise level (a factor of 7.4)
+JOINT_FITS = ('final', 'path')   # the joint fits' objectives, each with an equal share of the budget left, in this
+                              # order (path: the path objective, given refine_schedule's teacher_grid)
 COEFFICIENT_BATCH = 128       # trajectories per Jacobian of the joint fit (the trial steps use all of them):
                               # 64 gave noisier steps, 256 affords half as many
+PATH_BATCH = 64               # the same for the path objective's fit: its residual holds every interior state,
+                              # and twice the steps paid more than the larger batch (digits NFE 6)
 
 
 def default_refine_budget(coefficients=False):
@@ -336,74 +398,88 @@ def _ordered(t_steps):
     return bool((t_steps[:-1].log() - t_steps[1:].log() >= MIN_GAP).all())
 
 
-def _irls_terms(jac, res):
+def _irls_terms(block):
     """One trajectory's terms of the normal equations, [P * P + P]: J^T J / |r| (flattened) and
-    J^T r / |r|, for its Jacobian J [D, P] and residual r [D] (float64). Every entry is a sum over
-    D of elementwise products, reduced over dim 0 of a [D, P + 1] block (one output per column):
-    each output is then summed in the same order whatever the batch and the thread count, so the
-    terms of a trajectory are the same bits however the trajectories are split over rounds and
-    processes. A batched einsum's rounding depends on the batch (a kept refinement then differed
-    between 1 and 2 processes in the last digits), a matrix product's and a single dot product's
-    (one output: a two-pass reduction) on the thread count."""
-    both = torch.cat([jac, res[:, None]], dim=1)                       # [D, P + 1]: J | r
-    gram = torch.stack([(both * both[:, q:q + 1]).sum(0) for q in range(both.shape[1])])
-    p = jac.shape[1]
+    J^T r / |r|, from its block [D, P + 1] = [Jacobian J | residual r] (float64), as one matrix
+    product on one thread: its rounding then depends only on the block's shape, so the terms of
+    a trajectory are the same bits however the trajectories are split over rounds and processes
+    (a batched product's rounding depends on the batch: a kept refinement then differed between 1
+    and 2 processes in the last digits; a multithreaded one's on the thread count)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        gram = block.T @ block                                         # [P + 1, P + 1]
+    finally:
+        torch.set_num_threads(threads)
+    p = block.shape[1] - 1
     weight = 1 / gram[p, p].sqrt().clamp_min(1e-30)                    # 1 / |r|
     return torch.cat([gram[:p, :p].flatten(), gram[:p, p]]) * weight
 
 
-def _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets=None):
+def _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets=None, path_grid=None):
     """IRLS normal equations (A, g) of the residuals on trajectories [lo, hi) at t_steps, summed
     over trajectories in global-index order (so independent of batches and processes); and the
     evaluations spent on this rank. A = sum J_i^T J_i / |r_i|, g = sum J_i^T r_i / |r_i|, with
     J_i the forward-difference Jacobian of r_i in the interior log sigmas (and, with `offsets`,
-    in the coefficient offsets after them)."""
+    in the coefficient offsets after them). r_i: the final point's difference from the teacher's;
+    path_grid (the teacher grid): the path objective's residual."""
     u = t_steps[1:-1].log().to(torch.float64)
     gaps = torch.minimum(t_steps[:-2].log() - u, u - t_steps[2:].log()).to(torch.float64)
     steps = FD_STEP * gaps
     rows, evals = [], 0
     for rnd, a, b in _slices(data, lo, hi):
         tape = solver_utils.Recorder(rnd.denoise, keep=True)
-        target = rnd.xs[-1, a:b].to(torch.float64).flatten(1)
-        base = _run(tape, rnd, a, b, t_steps, solver, _with_coefficients(options, solver, t_steps, offsets, afs),
-                    afs).to(torch.float64).flatten(1)
+        final = rnd.xs[-1, a:b]
+        targets = path_targets(rnd, a, b, path_grid, t_steps) if path_grid is not None else None
+
+        def value(states, ts, moved_targets):
+            if targets is None:
+                return states.to(torch.float64).flatten(1)
+            return _path_residual(states, final, ts, moved_targets)
+        base = value(_run(tape, rnd, a, b, t_steps, solver, _with_coefficients(options, solver, t_steps, offsets, afs),
+                          afs, path=targets is not None), t_steps, targets)
         evals += tape.evals
         columns = []
 
-        def column(ts, opts, step):
+        def column(ts, opts, step, moved_targets=targets):
             nonlocal evals
             replay = _Replay(rnd.denoise, tape)
-            x = _run(replay, rnd, a, b, ts, solver, opts, afs)
+            states = _run(replay, rnd, a, b, ts, solver, opts, afs, path=targets is not None)
             evals += replay.evals
-            columns.append((x.to(torch.float64).flatten(1) - base) / step)
+            columns.append((value(states, ts, moved_targets) - base) / step)
         for k in range(len(u)):
             moved = u.clone()
             moved[k] += steps[k]
             moved_ts = _with_interior(t_steps, moved)
-            column(moved_ts, _with_coefficients(options, solver, moved_ts, offsets, afs), steps[k])
+            moved_targets = None if targets is None else [
+                teacher_state(rnd, path_grid, float(moved_ts[k + 1]), a, b) if m == k else target
+                for m, target in enumerate(targets)]
+            column(moved_ts, _with_coefficients(options, solver, moved_ts, offsets, afs), steps[k], moved_targets)
         for k in range(0 if offsets is None else len(offsets)):
             moved = offsets.clone()
             moved[k] += FD_STEP_COEFFICIENT
             column(t_steps, _with_coefficients(options, solver, t_steps, moved, afs), FD_STEP_COEFFICIENT)
-        jac = torch.stack(columns, dim=-1)                             # [rows, D, P]
-        res = base - target                                            # [rows, D]
-        rows.extend((rnd.first + a + m, _irls_terms(jac[m], res[m])) for m in range(b - a))
+        res = base - final.to(torch.float64).flatten(1) if targets is None else base      # [rows, D]
+        rows.extend((rnd.first + a + m, _irls_terms(torch.stack([c[m] for c in columns] + [res[m]], dim=1)))
+                    for m in range(b - a))
     total = dist.gather_in_order(rows).sum(0)
     p = len(u) + (0 if offsets is None else len(offsets))
     return total[:p * p].reshape(p, p), total[p * p:], evals
 
 
-def _lm_step(t_steps, A, g, damping, offsets=None):
+def _lm_step(t_steps, A, g, damping, offsets=None, shifts=None):
     """The Levenberg-Marquardt step from t_steps (and the coefficient offsets, if any), shortened
-    until the points stay ordered: the new t_steps, or (t_steps, offsets) with offsets; None if
-    no shortened step keeps them ordered."""
+    until the points stay ordered and the offsets marked by `shifts` (the noise levels' log-ratios)
+    within MAX_LOG_SHIFT: the new t_steps, or (t_steps, offsets) with offsets; None if no shortened
+    step does."""
     u = t_steps[1:-1].log().to(torch.float64)
     scale = A.diagonal().clamp_min(1e-12 * float(A.diagonal().max().clamp_min(1e-30)))
     delta = -torch.linalg.solve(A + damping * torch.diag(scale), g)
     for _ in range(20):
         trial = _with_interior(t_steps, u + delta[:len(u)])
-        if _ordered(trial):
-            return trial if offsets is None else (trial, offsets + delta[len(u):])
+        moved = None if offsets is None else offsets + delta[len(u):]
+        if _ordered(trial) and (moved is None or shifts is None or bool((moved[shifts].abs() <= MAX_LOG_SHIFT).all())):
+            return trial if offsets is None else (trial, moved)
         delta = delta / 2
     return None
 
@@ -435,7 +511,7 @@ def finalists(errors, width=2.0):
 
 
 def refine_schedule(data, check, inits, solver, options, afs=False, budget=None, timing=None, exclude=0, batch=None,
-                    max_steps=100, coefficients=False):
+                    max_steps=100, coefficients=False, teacher_grid=None):
     """Refine the best of `inits` ({name: t_steps}, equal lengths): the starts are compared on the
     warm-up trajectories `data` with global index >= exclude (those no search fitted) together with
     the teacher rounds `check`, then Levenberg-Marquardt steps (see above) fit all of `data`, and
@@ -445,9 +521,12 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     points alone are fitted first (as the refinement does, with SCHEDULE_SHARE of the budget, until
     they stall), then the solver's weights and evaluation noise levels together with the points
     (offsets from the analytic solver, see learned_coefficients; `batch` is then the joint fit's,
-    default COEFFICIENT_BATCH), and
-    info['coefficients'] holds the kept table (None when the check rejects the result: the start is
-    returned, with the analytic weights; or when no joint step was accepted). Returns (t_steps, info)."""
+    default COEFFICIENT_BATCH): from the points-alone result, once on the final point's error and,
+    given `teacher_grid` (the teacher's), once more on the path objective, each with its share of
+    the budget left (JOINT_FITS); the check keeps the better of the two. info['coefficients'] holds
+    the kept table (None when the check rejects the result: the start is returned, with the
+    analytic weights; or when no joint step was accepted) and info['objective'] the objective of
+    its fit. Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
     batch = batch or (COEFFICIENT_BATCH if coefficients else BATCH)
@@ -461,9 +540,10 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     def affordable(evals, limit=budget):
         return limit is None or spent + evals <= limit
 
-    def errors(ts, rounds, offsets=None):
+    def errors(ts, rounds, offsets=None, path_grid=None):
         nonlocal spent
-        e, evals = warmup_errors(rounds, ts, solver, _with_coefficients(options, solver, ts, offsets, afs), afs)
+        e, evals = warmup_errors(rounds, ts, solver, _with_coefficients(options, solver, ts, offsets, afs), afs,
+                                 path_grid)
         spent += dist.sum_over_ranks(evals)
         return e
 
@@ -486,43 +566,39 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     start = min(finals or objectives, key=(finals or objectives).get)
     t_steps = inits[start].clone()
     value = float(start_errors[start].mean())
-    # The result (and the start) on the check set; with coefficients also the points-alone result.
-    check_cost = nfe * check_size * (1 + int(start not in start_check) + int(bool(coefficients)))
-    trace, offsets, joint_from, alone = [], None, None, None
-    # (offsets, batch, Jacobian cost a trajectory, budget, smallest relative gain of a step that counts as progress)
-    phases = [(None, batch, nfe * (points - 1), budget, 0.0)]
-    if coefficients:        # the points alone first (cheap steps), then points and weights together
-        slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options), afs)
-        joint_cost = nfe * (points - 1) + sum(slot_cost(slot, nfe, afs) for slot in slots)
-        first = None if budget is None else spent + int(SCHEDULE_SHARE * (budget - spent))
-        joint_step = joint_cost * min(batch, total) + nfe * total + check_cost
-        if budget is not None and budget - first < joint_step:
-            first = budget               # no joint step affordable after a shared first stage
-        phases = [(None, BATCH, nfe * (points - 1), first, STALL_GAIN),
-                  (torch.zeros(len(slots), dtype=torch.float64), batch, joint_cost, budget, 0.0)]
-    for offsets, batch, jacobian_cost, limit, stall in phases:
-        damping, failures, cursor = 1e-2, 0, 0
-        if offsets is not None:                  # the joint phase starts from the points-alone result
-            joint_from, alone = len(trace), (t_steps.clone() if trace else None)
+    # The result (and the start) on the check set; with coefficients also the points-alone result
+    # and every joint fit.
+    fits = JOINT_FITS if teacher_grid is not None else JOINT_FITS[:1]
+    check_cost = nfe * check_size * (int(start not in start_check) + (1 + len(fits) if coefficients else 1))
+    trace, shifts = [], None
+
+    def descend(t_steps, offsets, value, batch, jacobian_cost, limit, stall=0.0, path_grid=None):
+        """Levenberg-Marquardt steps from (t_steps, offsets) (offsets None: the points alone) while
+        `limit` affords a Jacobian and a trial step and keeps the check affordable; a step counts as
+        progress if it gains more than `stall` (relative), and three in a row without progress end
+        it. Returns (t_steps, offsets, value, accepted steps)."""
+        nonlocal spent
+        damping, failures, cursor, steps = 1e-2, 0, 0, 0
         while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
             lo = cursor % total
             hi = min(total, lo + batch)
             cursor = hi
             if not affordable(jacobian_cost * (hi - lo) + nfe * total + check_cost, limit):
-                break                        # a Jacobian and one trial step, keeping the check affordable
-            A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets)
+                break
+            A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets, path_grid)
             spent += dist.sum_over_ranks(evals)
             accepted = False
             while affordable(nfe * total + check_cost, limit):
-                trial = _lm_step(t_steps, A, g, damping, offsets)
+                trial = _lm_step(t_steps, A, g, damping, offsets, shifts)
                 if trial is None:
                     damping *= 10
                     break
                 trial_ts, trial_offsets = (trial, None) if offsets is None else trial
-                trial_value = float(errors(trial_ts, data, trial_offsets).mean())
+                trial_value = float(errors(trial_ts, data, trial_offsets, path_grid).mean())
                 if trial_value < value:
                     trace.append((value, trial_value))
                     t_steps, offsets, value, accepted = trial_ts, trial_offsets, trial_value, True
+                    steps += 1
                     damping = max(damping / 3, 1e-6)
                     break
                 damping *= 10
@@ -530,15 +606,44 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
                     break
             progress = accepted and trace[-1][0] - trace[-1][1] > stall * trace[-1][0]
             failures = 0 if progress else failures + 1
-    # The check decides stage by stage: the points alone must beat the start, and the learned weights
-    # (with their points) what the points alone kept; a joint fit the check does not confirm falls
-    # back to the points-alone result, never below it.
-    verdict, kept, alone_verdict, joint = None, False, None, offsets is not None and bool(offsets.any())
-    result = inits[start]
+        return t_steps, offsets, value, steps
+
+    joint = {}            # objective: (t_steps, offsets, accepted steps) of each joint fit
+    if not coefficients:
+        t_steps, _, _, _ = descend(t_steps, None, value, batch, nfe * (points - 1), budget)
+    else:                 # the points alone first (cheap steps), then points and weights together
+        slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options), afs)
+        shifts = torch.tensor([slot[0] == 'sigmas' for slot in slots])
+        joint_cost = nfe * (points - 1) + sum(slot_cost(slot, nfe, afs) for slot in slots)
+        first = None if budget is None else spent + int(SCHEDULE_SHARE * (budget - spent))
+        joint_step = joint_cost * min(batch, total) + nfe * total + check_cost
+        if budget is not None and budget - first < joint_step:
+            first = budget               # no joint step affordable after a shared first stage
+        t_steps, _, value, alone_steps = descend(t_steps, None, value, BATCH, nfe * (points - 1), first, STALL_GAIN)
+        zero = torch.zeros(len(slots), dtype=torch.float64)
+        for k, objective in enumerate(fits):      # each from the points-alone result, with its share of what is left
+            limit = None if budget is None else spent + (budget - spent) // (len(fits) - k)
+            path_grid = teacher_grid if objective == 'path' else None
+            if path_grid is not None:             # the path objective's value at the start
+                if not affordable(joint_step, limit):
+                    continue
+                start_value = float(errors(t_steps, data, zero, path_grid).mean())
+            else:
+                start_value = value
+            fitted = descend(t_steps, zero, start_value, PATH_BATCH if path_grid is not None else batch, joint_cost, limit,
+                             0.0, path_grid)
+            joint[objective] = (fitted[0], fitted[1], fitted[3])
+    # The check decides stage by stage: the points alone must beat the start, and the better joint fit
+    # on the check (learned weights with their points) what the points alone kept; a joint fit the
+    # check does not confirm falls back to the points-alone result, never below it.
+    verdict, kept, alone_verdict, fit_checks, chosen = None, False, None, {}, None
+    joint = {name: fit for name, fit in joint.items() if fit[2] > 0}
+    result, result_offsets = inits[start], None
     if trace:
         if start not in start_check:
             start_check[start] = errors(inits[start], check)
         base_check = start_check[start]
+        alone = t_steps if coefficients and alone_steps else None
         if joint and alone is not None:
             alone_check = errors(alone, check)
             alone_kept, gain, se = check_verdict(base_check, alone_check)
@@ -546,22 +651,27 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
                                  kept=alone_kept)
             if alone_kept:
                 result, base_check = alone, alone_check
-        refined_check = errors(t_steps, check, offsets)
-        final_kept, gain, se = check_verdict(base_check, refined_check)
-        verdict = dict(size=check_size, start=float(base_check.mean()), refined=float(refined_check.mean()),
+        candidates = {name: (ts, offs) for name, (ts, offs, _) in joint.items()} or {None: (t_steps, None)}
+        checked = {name: errors(ts, check, offs) for name, (ts, offs) in candidates.items()}
+        fit_checks = {name: float(e.mean()) for name, e in checked.items() if name is not None}
+        chosen = min(checked, key=lambda name: float(checked[name].mean()))
+        final_kept, gain, se = check_verdict(base_check, checked[chosen])
+        verdict = dict(size=check_size, start=float(base_check.mean()), refined=float(checked[chosen].mean()),
                        gain=gain, se=se)
         if final_kept:
-            result = t_steps
-        joint = joint and final_kept
+            result, result_offsets = candidates[chosen]
         kept = result is not inits[start]
     t_steps = result.clone()
     timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
     info = dict(start=start, start_objectives=objectives, finalists=finals, steps=len(trace), trace=trace,
                 check=verdict, kept=kept, evals=spent, budget=budget, fit=total, compared_from=compared_from)
     if coefficients:
-        info.update(coefficients=learned_coefficients(solver, t_steps, options, offsets, afs) if joint else None,
-                    offsets=offsets.tolist() if offsets is not None else None, check_points_alone=alone_verdict,
-                    joint_steps=len(trace) - joint_from if joint_from is not None else 0)
+        learned = result_offsets is not None
+        info.update(coefficients=learned_coefficients(solver, t_steps, options, result_offsets, afs) if learned else None,
+                    objective=chosen if learned else None,
+                    offsets=joint[chosen][1].tolist() if chosen in joint else None, check_points_alone=alone_verdict,
+                    joint_steps=sum(fit[2] for fit in joint.values()),
+                    fits={name: dict(steps=fit[2], check=fit_checks.get(name)) for name, fit in joint.items()})
     return t_steps, info
 
 
@@ -577,7 +687,7 @@ def refine_found(data, check, t_tea, found, points, solver, options, afs=False, 
     inits.update({name: ts for name, ts in (starts or {}).items() if len(ts) == points})
     exclude = STUDENT_SUBSET if 'student' in inits else 0
     t_steps, info = refine_schedule(data, check, inits, solver, options, afs, budget, timing, exclude=exclude,
-                                    coefficients=coefficients)
+                                    coefficients=coefficients, teacher_grid=t_tea)
     return inits, t_steps, info
 
 

@@ -297,7 +297,8 @@ def run_dataset(name, opts):
             print(f'[{name}] {solver:8s} NFE {nfe:2d}: ' + '  '.join(f'{k} {r[k]["mean"]:.4f}' for k in MODES if k in r) +
                   f'  (from {rows[nfe]["refine"]["start"]}, {rows[nfe]["outcome"]}; vs {vs["start"]} '
                   f'{vs["diff"]:+.2g} ({vs["se"]:.2g}) {vs["verdict"]})' +
-                  ''.join(f'  {k} {v["rmse"]["mean"]:.4f} (x{v["ratio_refined"]:.2f} refined, {v["outcome"]}, '
+                  ''.join(f'  {k} {v["rmse"]["mean"]:.4f} (x{v["ratio_refined"]:.2f} refined, {v["outcome"]}'
+                          f'{fit_objective(v["refine"])}, '
                           f'{v["seconds"]:.1f}s vs {rows[nfe]["cost"]["refine_seconds"]:.1f}s)'
                           for k, v in rows[nfe]['recipes'].items()), flush=True)
         out['solvers'][solver] = rows
@@ -568,6 +569,11 @@ def recipe_table(results, nfe_list, name):
     return '\n'.join(lines)
 
 
+def fit_objective(info):
+    """'; path' or '; final': the objective of the kept joint fit of a learned-coefficient recipe."""
+    return f'; {info["objective"]}' if info.get('objective') else ''
+
+
 def recipe_cells_table(res, nfe_list, name):
     """Per solver and NFE of one model: the recipe against the refined schedule of the same
     solver (paired), what its fit did, its evaluations and wall time against the refinement's."""
@@ -582,7 +588,7 @@ def recipe_cells_table(res, nfe_list, name):
             d = r['vs_refined']
             lines.append(f'| {solver} | {nfe} | {short(row["rmse"]["refined"]["mean"])} | {short(r["rmse"]["mean"])} | '
                          f'{r["ratio_refined"]:.2f} | {d["diff"]:+.2g} ({d["se"]:.2g}) | {r["outcome"]} '
-                         f'({r["refine"]["steps"]} steps) | {r["evals"]} / {r["budget"]} | '
+                         f'({r["refine"]["steps"]} steps{fit_objective(r["refine"])}) | {r["evals"]} / {r["budget"]} | '
                          f'{r["seconds"]:.1f} ({row["cost"]["refine_seconds"]:.1f}) |')
     return '\n'.join(lines)
 

@@ -35,8 +35,11 @@ def test_gits_benchmark_small_run(tmp_path):
                 student_search.REFINE_BUDGET, res['teacher']['evals'], row['cost']['check_evals'], 1)
             assert learned['outcome'] in ('kept', 'rejected', 'no step')
             assert learned['ratio_refined'] == pytest.approx(learned['rmse']['mean'] / row['rmse']['refined']['mean'])
-            assert (learned['coefficients'] is not None) == (learned['outcome'] == 'kept' and
-                                                             any(learned['refine']['offsets']))
+            fit = learned['refine']          # the kept joint fit (final point or path objective), if any
+            assert (learned['coefficients'] is not None) == (fit['objective'] is not None)
+            if fit['objective'] is not None:
+                assert learned['outcome'] == 'kept' and any(fit['offsets'])
+                assert fit['check']['refined'] == fit['fits'][fit['objective']]['check']
             vs = row['vs_best_start']
             assert vs['verdict'] == ('LOSS' if vs['diff'] > vs['se'] else 'ok')
             assert row['outcome'] in ('kept', 'rejected', 'no step')

@@ -167,6 +167,89 @@ def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, mo
     assert torch.equal(alone_check, judged[0])
 
 
+def test_teacher_state_is_the_hermite_interpolant_of_the_teacher_run():
+    """Exact for a trajectory cubic in t (points and slopes from it), the grid points themselves
+    on the grid; linear in the last interval, which has no slope at its end."""
+    t_tea = schedules.get_schedule(9, 0.002, 80)
+    coef = torch.randn(4, 2, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+
+    def x(t):
+        return coef[0] + coef[1] * t + coef[2] * t ** 2 + coef[3] * t ** 3
+    xs = torch.stack([x(float(t)) for t in t_tea])
+    ds = torch.stack([coef[1] + 2 * coef[2] * float(t) + 3 * coef[3] * float(t) ** 2 for t in t_tea[:-1]])
+    rnd = gits.TeacherRound(0, None, xs[0], xs, ds, ds)
+    for k in range(len(t_tea) - 2):
+        for s in (0.25, 0.5, 0.9):
+            t = float(t_tea[k]) + s * float(t_tea[k + 1] - t_tea[k])
+            torch.testing.assert_close(student_search.teacher_state(rnd, t_tea, t), x(t), rtol=1e-9, atol=1e-9)
+    for k, t in enumerate(t_tea):
+        assert torch.equal(student_search.teacher_state(rnd, t_tea, float(t)), xs[k])
+    t = float(t_tea[-2] + t_tea[-1]) / 2
+    torch.testing.assert_close(student_search.teacher_state(rnd, t_tea, t, 1, 2), (xs[-2, 1:2] + xs[-1, 1:2]) / 2)
+
+
+def test_the_path_objective_weighs_the_interior_states(fit_data):
+    """The teacher's own run has path error 0; a student's path error adds its interior states'
+    weighted differences from the teacher's to its final point's error."""
+    data, check, _ = fit_data
+    t_tea = schedules.get_schedule(21, 0.002, 80)
+    options = solvers.resolve_options('ipndm', {})
+    own, _ = student_search.warmup_errors(data, t_tea, 'ipndm', options, path_grid=t_tea)
+    assert float(own.abs().max()) == 0
+    ts = schedules.get_schedule(5, 0.002, 80)
+    final, _ = student_search.warmup_errors(data, ts, 'ipndm', options)
+    path, _ = student_search.warmup_errors(data, ts, 'ipndm', options, path_grid=t_tea)
+    rnd = data[0]
+    with torch.no_grad():
+        states = solvers.ipndm(rnd.denoise, rnd.latents * 80, ts, return_inters=True, **options)[1]
+    size = rnd.xs[-1, 0].numel()
+    expected = (states[-1] - rnd.xs[-1]).double().flatten(1).square().sum(1)
+    for k in range(1, len(ts) - 1):
+        target = student_search.teacher_state(rnd, t_tea, float(ts[k]))
+        weight = student_search.PATH_WEIGHT / max(float(ts[k]), 1.0)
+        expected = expected + weight ** 2 * (states[k] - target).double().flatten(1).square().sum(1)
+    torch.testing.assert_close(path[:rnd.size], (expected / size).sqrt(), rtol=1e-9, atol=0)
+    assert bool((path > final).all())
+
+
+@pytest.mark.parametrize('solver', ['ipndm', 'unipc'])
+def test_the_path_fit_lowers_its_objective_and_the_check_picks_the_better_fit(fit_data, solver, monkeypatch):
+    data, check, teacher_evals = fit_data
+    t_tea = schedules.get_schedule(21, 0.002, 80)
+    options = solvers.resolve_options(solver, {})
+    inits = {kind: schedules.get_schedule(4, 0.002, 80, kind, rho) for kind, rho in student_search.FIXED_SCHEDULES}
+    budget = 30 * teacher_evals
+    monkeypatch.setattr(student_search, 'JOINT_FITS', ('path',))        # the path fit alone: its trace
+    ts, info = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
+                                              coefficients=True, teacher_grid=t_tea)
+    assert info['evals'] <= budget and list(info['fits']) == ['path'] and info['fits']['path']['steps'] > 0
+    joint = info['trace'][-info['joint_steps']:]
+    assert all(after < before for before, after in joint)
+    offsets = torch.tensor(info['offsets'], dtype=torch.float64)
+    learned = student_search.learned_coefficients(solver, ts, options, offsets)
+    fitted, _ = student_search.warmup_errors(data, ts, solver, dict(options, coefficients=learned), path_grid=t_tea)
+    assert float(fitted.mean()) == pytest.approx(joint[-1][1], rel=1e-12)      # the path objective, lowered
+    if info['kept']:
+        assert info['objective'] == 'path' and info['coefficients'] == learned
+    # Both fits, each from the points-alone result with its share of the budget; a check that keeps
+    # anything: the fit with the lower check error is kept, and says so.
+    monkeypatch.setattr(student_search, 'JOINT_FITS', ('final', 'path'))
+    monkeypatch.setattr(student_search, 'check_verdict', lambda start, refined: (True, 0.0, 1.0))
+    ts2, info2 = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
+                                                coefficients=True, teacher_grid=t_tea)
+    fits = info2['fits']
+    assert set(fits) == {'final', 'path'} and all(fit['steps'] > 0 for fit in fits.values())
+    assert info2['joint_steps'] == sum(fit['steps'] for fit in fits.values()) and info2['evals'] <= budget
+    best = min(fits, key=lambda name: fits[name]['check'])
+    assert info2['objective'] == best and info2['check']['refined'] == fits[best]['check']
+    checked, _ = student_search.warmup_errors(check, ts2, solver, dict(options, coefficients=info2['coefficients']))
+    assert float(checked.mean()) == pytest.approx(fits[best]['check'], rel=1e-12)
+    # Without the teacher grid, the final point's fit alone (as before the path objective).
+    _, info3 = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
+                                              coefficients=True)
+    assert list(info3['fits']) == ['final'] and info3['objective'] in ('final', None)
+
+
 @pytest.mark.parametrize('afs', [False, True])
 @pytest.mark.parametrize('solver', ['ipndm', 'unipc'])
 def test_jacobian_columns_cost_at_most_their_slot_cost(fit_data, solver, afs):
