@@ -570,13 +570,14 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     # and every joint fit.
     fits = JOINT_FITS if teacher_grid is not None else JOINT_FITS[:1]
     check_cost = nfe * check_size * (int(start not in start_check) + (1 + len(fits) if coefficients else 1))
-    trace, shifts = [], None
+    trace = []
 
-    def descend(t_steps, offsets, value, batch, jacobian_cost, limit, stall=0.0, path_grid=None):
+    def descend(t_steps, offsets, value, batch, jacobian_cost, limit, stall=0.0, path_grid=None, shifts=None):
         """Levenberg-Marquardt steps from (t_steps, offsets) (offsets None: the points alone) while
         `limit` affords a Jacobian and a trial step and keeps the check affordable; a step counts as
         progress if it gains more than `stall` (relative), and three in a row without progress end
-        it. Returns (t_steps, offsets, value, accepted steps)."""
+        it. `shifts`: the offsets that are noise-level log-ratios (bounded by MAX_LOG_SHIFT).
+        Returns (t_steps, offsets, value, accepted steps)."""
         nonlocal spent
         damping, failures, cursor, steps = 1e-2, 0, 0, 0
         while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
@@ -631,7 +632,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
             else:
                 start_value = value
             fitted = descend(t_steps, zero, start_value, PATH_BATCH if path_grid is not None else batch, joint_cost, limit,
-                             0.0, path_grid)
+                             0.0, path_grid, shifts)
             joint[objective] = (fitted[0], fitted[1], fitted[3])
     # The check decides stage by stage: the points alone must beat the start, and the better joint fit
     # on the check (learned weights with their points) what the points alone kept; a joint fit the

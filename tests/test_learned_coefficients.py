@@ -167,6 +167,22 @@ def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, mo
     assert torch.equal(alone_check, judged[0])
 
 
+def test_lm_steps_keep_noise_level_shifts_bounded():
+    """A step that would move an evaluation's noise level by more than a factor e^MAX_LOG_SHIFT is
+    shortened until it does not (unbounded, a path fit overflowed exp); the weights are not bound."""
+    ts = schedules.get_schedule(4, 0.002, 80)
+    offsets = torch.zeros(3, dtype=torch.float64)                 # [weight, noise level, weight]
+    shifts = torch.tensor([False, True, False])
+    A = torch.eye(5, dtype=torch.float64)
+    g = torch.tensor([0, 0, -10.0, -50.0, -10.0], dtype=torch.float64)     # wants +10, +50, +10
+    free = student_search._lm_step(ts, A, g, 0.0, offsets)[1]
+    assert float(free[1]) == pytest.approx(50.0)
+    ts2, bounded = student_search._lm_step(ts, A, g, 0.0, offsets, shifts)
+    torch.testing.assert_close(ts2, ts)                            # the points had no step
+    assert abs(float(bounded[1])) <= student_search.MAX_LOG_SHIFT
+    torch.testing.assert_close(bounded, free * float(bounded[1]) / float(free[1]))   # the same direction, shortened
+
+
 def test_teacher_state_is_the_hermite_interpolant_of_the_teacher_run():
     """Exact for a trajectory cubic in t (points and slopes from it), the grid points themselves
     on the grid; linear in the last interval, which has no slope at its end."""
