@@ -568,7 +568,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     value = float(start_errors[start].mean())
     # The result (and the start) on the check set; with coefficients also the points-alone result
     # and every joint fit.
-    fits = JOINT_FITS if teacher_grid is not None else JOINT_FITS[:1]
+    fits = tuple(fit for fit in JOINT_FITS if fit != 'path' or teacher_grid is not None)
     check_cost = nfe * check_size * (int(start not in start_check) + (1 + len(fits) if coefficients else 1))
     trace = []
 
