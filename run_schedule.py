@@ -219,7 +219,8 @@ def refinement_line(num_steps, r):
     c = r['check']
     verdict = 'kept' if r['kept'] else 'rejected (gain within one SE), start kept'
     if 'coefficients' in r:          # kept can be the points alone, the learned weights rejected
-        verdict += ' (with learned coefficients)' if r['coefficients'] is not None else ' (with the analytic coefficients)'
+        verdict += (f' (with learned coefficients, {r["objective"]} objective, {r["stage"]})' if r['coefficients'] is not None
+                    else ' (with the analytic coefficients)')
     return (f'{head}, {r["steps"]} steps, fit {r["trace"][0][0]:.4g} -> {r["trace"][-1][1]:.4g} on {r["fit"]}, '
             f'check {c["start"]:.4g} -> {c["refined"]:.4g} on {c["size"]} (gain {c["gain"]:.2g} +- {c["se"]:.2g} SE): '
             f'{verdict}; {spent}')

@@ -337,15 +337,19 @@ REFINE_BUDGET_COEFFICIENTS = 12.0   # the default budget with coefficients: abou
                               # points alone, as much again for the joint fit (a joint Jacobian costs the
                               # evaluations after every parameter: at 6 the joint fit affords 0-3 steps from
                               # NFE 4 on; benchmarks/results/gits_learned_budget.json, docs/gits.md)
-STALL_GAIN = 1e-5             # the points alone stop after 3 steps in a row that gain less than this (relative):
-                              # the refinement often crawls on at 1e-7-1e-6 a step, and the joint fit needs that budget
+STALL_GAIN = 1e-5             # the points alone and each joint fit stop after 3 steps in a row that gain less than
+                              # this (relative): the refinement often crawls on at 1e-7-1e-6 a step, and the joint fits
+                              # at NFE 3 at 1e-9, where the rest of the budget serves better or not at all
 MAX_LOG_SHIFT = 2.0           # the largest |log(s_j / t_j)| of an evaluation's noise level (a factor of 7.4)
-JOINT_FITS = ('final', 'path')   # the joint fits' objectives, each with an equal share of the budget left, in this
-                              # order (path: the path objective, given refine_schedule's teacher_grid)
-COEFFICIENT_BATCH = 128       # trajectories per Jacobian of the joint fit (the trial steps use all of them):
+JOINT_FITS = ('final', 'path')   # the joint fits' objectives, raced in this order (path: the path objective, given
+                              # refine_schedule's teacher_grid)
+RACE_SHARE = 0.5              # of the budget left after the points alone: the joint fits race with equal shares of
+                              # it, then the one the check prefers goes on with the rest (neither objective wins
+                              # everywhere, and an even split starves the one that does)
+RACE_STEPS = 2                # ... but each fit's share affords this many of its steps where an equal split of all
+                              # that is left does (at NFE 8 and 10 a share of half affords few)
+COEFFICIENT_BATCH = 128       # trajectories per Jacobian of either joint fit (the trial steps use all of them):
                               # 64 gave noisier steps, 256 affords half as many
-PATH_BATCH = 64               # the same for the path objective's fit: its residual holds every interior state,
-                              # and twice the steps paid more than the larger batch (digits NFE 6)
 
 
 def default_refine_budget(coefficients=False):
@@ -521,12 +525,14 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     points alone are fitted first (as the refinement does, with SCHEDULE_SHARE of the budget, until
     they stall), then the solver's weights and evaluation noise levels together with the points
     (offsets from the analytic solver, see learned_coefficients; `batch` is then the joint fit's,
-    default COEFFICIENT_BATCH): from the points-alone result, once on the final point's error and,
-    given `teacher_grid` (the teacher's), once more on the path objective, each with its share of
-    the budget left (JOINT_FITS); the check keeps the better of the two. info['coefficients'] holds
-    the kept table (None when the check rejects the result: the start is returned, with the
-    analytic weights; or when no joint step was accepted) and info['objective'] the objective of
-    its fit. Returns (t_steps, info)."""
+    default COEFFICIENT_BATCH): from the points-alone result, on the final point's error and, given
+    `teacher_grid` (the teacher's), on the path objective (JOINT_FITS). The two race with a share of
+    the budget left each (RACE_SHARE, RACE_STEPS), the one with the lower check error resumes with
+    the rest, and the check judges the best of what it measured (each fit where the race paused it,
+    the leader where it stopped). info['coefficients'] holds the kept table (None when the check
+    rejects the result: the start is returned, with the analytic weights; or when no joint step was
+    accepted), info['objective'] the objective of its fit and info['stage'] whether it is the race's
+    state ('race') or the resumed one ('resumed'). Returns (t_steps, info)."""
     timing = timing if timing is not None else {}
     t0 = time.perf_counter()
     batch = batch or (COEFFICIENT_BATCH if coefficients else BATCH)
@@ -569,49 +575,56 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
     # The result (and the start) on the check set; with coefficients also the points-alone result
     # and every joint fit.
     fits = tuple(fit for fit in JOINT_FITS if fit != 'path' or teacher_grid is not None)
-    check_cost = nfe * check_size * (int(start not in start_check) + (1 + len(fits) if coefficients else 1))
+    check_cost = nfe * check_size * (int(start not in start_check) + (2 + len(fits) if coefficients else 1))
     trace = []
 
-    def descend(t_steps, offsets, value, batch, jacobian_cost, limit, stall=0.0, path_grid=None, shifts=None):
-        """Levenberg-Marquardt steps from (t_steps, offsets) (offsets None: the points alone) while
-        `limit` affords a Jacobian and a trial step and keeps the check affordable; a step counts as
-        progress if it gains more than `stall` (relative), and three in a row without progress end
-        it. `shifts`: the offsets that are noise-level log-ratios (bounded by MAX_LOG_SHIFT).
-        Returns (t_steps, offsets, value, accepted steps)."""
+    def descend(fit, batch, jacobian_cost, limit, stall=0.0, path_grid=None, shifts=None):
+        """Levenberg-Marquardt steps on `fit` (a dict: t_steps, offsets (None: the points alone), value,
+        damping, cursor (the next Jacobian's first trajectory), steps (accepted), stalled), updated in
+        place so that a paused fit resumes where it stopped, while `limit` affords a Jacobian and a
+        trial step and keeps the check affordable; a step counts as progress if it gains more than
+        `stall` (relative), and three in a row without progress end it (fit['stalled']). `shifts`:
+        the offsets that are noise-level log-ratios (bounded by MAX_LOG_SHIFT). Returns `fit`."""
         nonlocal spent
-        damping, failures, cursor, steps = 1e-2, 0, 0, 0
+        failures = 0
         while points > 2 and check_size > 0 and len(trace) < max_steps and failures < 3:
-            lo = cursor % total
+            lo = fit['cursor'] % total
             hi = min(total, lo + batch)
-            cursor = hi
             if not affordable(jacobian_cost * (hi - lo) + nfe * total + check_cost, limit):
                 break
-            A, g, evals = _normal_equations(data, t_steps, solver, options, afs, lo, hi, offsets, path_grid)
+            fit['cursor'] = hi
+            A, g, evals = _normal_equations(data, fit['t_steps'], solver, options, afs, lo, hi, fit['offsets'],
+                                            path_grid)
             spent += dist.sum_over_ranks(evals)
             accepted = False
             while affordable(nfe * total + check_cost, limit):
-                trial = _lm_step(t_steps, A, g, damping, offsets, shifts)
+                trial = _lm_step(fit['t_steps'], A, g, fit['damping'], fit['offsets'], shifts)
                 if trial is None:
-                    damping *= 10
+                    fit['damping'] *= 10
                     break
-                trial_ts, trial_offsets = (trial, None) if offsets is None else trial
+                trial_ts, trial_offsets = (trial, None) if fit['offsets'] is None else trial
                 trial_value = float(errors(trial_ts, data, trial_offsets, path_grid).mean())
-                if trial_value < value:
-                    trace.append((value, trial_value))
-                    t_steps, offsets, value, accepted = trial_ts, trial_offsets, trial_value, True
-                    steps += 1
-                    damping = max(damping / 3, 1e-6)
+                if trial_value < fit['value']:
+                    trace.append((fit['value'], trial_value))
+                    fit.update(t_steps=trial_ts, offsets=trial_offsets, value=trial_value, steps=fit['steps'] + 1,
+                               damping=max(fit['damping'] / 3, 1e-6))
+                    accepted = True
                     break
-                damping *= 10
-                if damping > 1e4:
+                fit['damping'] *= 10
+                if fit['damping'] > 1e4:
                     break
             progress = accepted and trace[-1][0] - trace[-1][1] > stall * trace[-1][0]
             failures = 0 if progress else failures + 1
-        return t_steps, offsets, value, steps
+        fit['stalled'] = failures >= 3
+        return fit
 
-    joint = {}            # objective: (t_steps, offsets, accepted steps) of each joint fit
+    def begin(t_steps, offsets, value):
+        return dict(t_steps=t_steps, offsets=offsets, value=value, damping=1e-2, cursor=0, steps=0, stalled=False)
+
+    joint = {}            # objective: its fit (see descend) from the points-alone result
+    snapshots = {}        # (objective, 'race' or 'resumed'): (t_steps, offsets, check errors) of a joint fit
     if not coefficients:
-        t_steps, _, _, _ = descend(t_steps, None, value, batch, nfe * (points - 1), budget)
+        t_steps = descend(begin(t_steps, None, value), batch, nfe * (points - 1), budget)['t_steps']
     else:                 # the points alone first (cheap steps), then points and weights together
         slots = coefficient_slots(solvers.analytic_coefficients(solver, t_steps, **options), afs)
         shifts = torch.tensor([slot[0] == 'sigmas' for slot in slots])
@@ -620,47 +633,66 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
         joint_step = joint_cost * min(batch, total) + nfe * total + check_cost
         if budget is not None and budget - first < joint_step:
             first = budget               # no joint step affordable after a shared first stage
-        t_steps, _, value, alone_steps = descend(t_steps, None, value, BATCH, nfe * (points - 1), first, STALL_GAIN)
+        first_stage = descend(begin(t_steps, None, value), BATCH, nfe * (points - 1), first, STALL_GAIN)
+        t_steps, value, alone_steps = first_stage['t_steps'], first_stage['value'], first_stage['steps']
         zero = torch.zeros(len(slots), dtype=torch.float64)
-        for k, objective in enumerate(fits):      # each from the points-alone result, with its share of what is left
-            limit = None if budget is None else spent + (budget - spent) // (len(fits) - k)
-            path_grid = teacher_grid if objective == 'path' else None
-            if path_grid is not None:             # the path objective's value at the start
-                if not affordable(joint_step, limit):
+
+        def snapshot(fit):
+            nonlocal check_cost
+            check_cost -= nfe * check_size            # the check paid now was set aside for it
+            return fit['t_steps'], fit['offsets'], errors(fit['t_steps'], check, fit['offsets'])
+
+        def resume(objective, limit):
+            return descend(joint[objective], batch, joint_cost, limit, STALL_GAIN,
+                           teacher_grid if objective == 'path' else None, shifts)
+
+        # The race: each fit from the points-alone result with an equal share of RACE_SHARE of what is
+        # left (what one leaves goes to the next), but no less than RACE_STEPS of its own steps where an
+        # equal split of all that is left affords them (at high NFE a share affords few).
+        race_share = None if budget is None else int(RACE_SHARE * (budget - spent)) // len(fits)
+        floor = RACE_STEPS * (joint_cost * min(batch, total) + nfe * total)
+        for k, objective in enumerate(fits):
+            limit = None if budget is None else spent + min((budget - spent) // (len(fits) - k), max(race_share, floor))
+            if objective == 'path':      # the path objective's value at the start, then at least a step
+                if not affordable(nfe * total + joint_step, limit):
                     continue
-                start_value = float(errors(t_steps, data, zero, path_grid).mean())
+                start_value = float(errors(t_steps, data, zero, teacher_grid).mean())
             else:
                 start_value = value
-            fitted = descend(t_steps, zero, start_value, PATH_BATCH if path_grid is not None else batch, joint_cost, limit,
-                             0.0, path_grid, shifts)
-            joint[objective] = (fitted[0], fitted[1], fitted[3])
+            joint[objective] = begin(t_steps, zero, start_value)
+            if resume(objective, limit)['steps']:
+                snapshots[objective, 'race'] = snapshot(joint[objective])
+        # The check's better fit resumes with the rest of the budget, unless it stalled.
+        raced = {objective: fit['steps'] for objective, fit in joint.items()}
+        leader = min(snapshots, key=lambda key: float(snapshots[key][2].mean()), default=(None,))[0]
+        if leader is not None and not joint[leader]['stalled'] and resume(leader, budget)['steps'] > raced[leader]:
+            snapshots[leader, 'resumed'] = snapshot(joint[leader])
     # The check decides stage by stage: the points alone must beat the start, and the better joint fit
     # on the check (learned weights with their points) what the points alone kept; a joint fit the
     # check does not confirm falls back to the points-alone result, never below it.
-    verdict, kept, alone_verdict, fit_checks, chosen = None, False, None, {}, None
-    joint = {name: fit for name, fit in joint.items() if fit[2] > 0}
+    verdict, kept, alone_verdict, chosen = None, False, None, None
     result, result_offsets = inits[start], None
     if trace:
         if start not in start_check:
             start_check[start] = errors(inits[start], check)
         base_check = start_check[start]
         alone = t_steps if coefficients and alone_steps else None
-        if joint and alone is not None:
+        if snapshots and alone is not None:
             alone_check = errors(alone, check)
             alone_kept, gain, se = check_verdict(base_check, alone_check)
             alone_verdict = dict(start=float(base_check.mean()), refined=float(alone_check.mean()), gain=gain, se=se,
                                  kept=alone_kept)
             if alone_kept:
                 result, base_check = alone, alone_check
-        candidates = {name: (ts, offs) for name, (ts, offs, _) in joint.items()} or {None: (t_steps, None)}
-        checked = {name: errors(ts, check, offs) for name, (ts, offs) in candidates.items()}
-        fit_checks = {name: float(e.mean()) for name, e in checked.items() if name is not None}
-        chosen = min(checked, key=lambda name: float(checked[name].mean()))
-        final_kept, gain, se = check_verdict(base_check, checked[chosen])
-        verdict = dict(size=check_size, start=float(base_check.mean()), refined=float(checked[chosen].mean()),
+        # Every joint fit where the race paused it, and the leader where it stopped: the lowest check
+        # error is judged (a resumed fit that the check finds worse keeps its race state).
+        candidates = snapshots or {(None, None): (t_steps, None, errors(t_steps, check))}
+        chosen = min(candidates, key=lambda key: float(candidates[key][2].mean()))
+        final_kept, gain, se = check_verdict(base_check, candidates[chosen][2])
+        verdict = dict(size=check_size, start=float(base_check.mean()), refined=float(candidates[chosen][2].mean()),
                        gain=gain, se=se)
         if final_kept:
-            result, result_offsets = candidates[chosen]
+            result, result_offsets, _ = candidates[chosen]
         kept = result is not inits[start]
     t_steps = result.clone()
     timing['refine'] = timing.get('refine', 0.0) + time.perf_counter() - t0
@@ -668,11 +700,15 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
                 check=verdict, kept=kept, evals=spent, budget=budget, fit=total, compared_from=compared_from)
     if coefficients:
         learned = result_offsets is not None
+        objective, stage = chosen if learned else (None, None)
         info.update(coefficients=learned_coefficients(solver, t_steps, options, result_offsets, afs) if learned else None,
-                    objective=chosen if learned else None,
-                    offsets=joint[chosen][1].tolist() if chosen in joint else None, check_points_alone=alone_verdict,
-                    joint_steps=sum(fit[2] for fit in joint.values()),
-                    fits={name: dict(steps=fit[2], check=fit_checks.get(name)) for name, fit in joint.items()})
+                    objective=objective, stage=stage, check_points_alone=alone_verdict,
+                    offsets=snapshots[chosen][1].tolist() if chosen in snapshots else None,
+                    joint_steps=sum(fit['steps'] for fit in joint.values()),
+                    fits={name: dict(steps=joint[name]['steps'], continued=joint[name]['steps'] - raced[name],
+                                     race_check=float(snapshots[name, 'race'][2].mean()),
+                                     check=float(snapshots.get((name, 'resumed'), snapshots[name, 'race'])[2].mean()))
+                          for name, when in snapshots if when == 'race'})
     return t_steps, info
 
 

@@ -160,7 +160,7 @@ def test_the_fit_lowers_its_objective_and_the_check_decides(fit_data, solver, mo
                                                 coefficients=True)
     assert len(judged) == 2 and info3['kept'] and info3['coefficients'] is None
     assert 'kept' in run_schedule.refinement_line(4, info3) and 'analytic coefficients' in run_schedule.refinement_line(4, info3)
-    assert 'with learned coefficients' in run_schedule.refinement_line(4, info)
+    assert f"with learned coefficients, final objective, {info['stage']})" in run_schedule.refinement_line(4, info)
     assert info3['check_points_alone']['kept'] and info3['evals'] <= budget
     assert not torch.equal(ts3, start) and not torch.equal(ts3, ts)
     alone_check, _ = student_search.warmup_errors(check, ts3, solver, options)
@@ -235,7 +235,8 @@ def test_the_path_fit_lowers_its_objective_and_the_check_picks_the_better_fit(fi
     options = solvers.resolve_options(solver, {})
     inits = {kind: schedules.get_schedule(4, 0.002, 80, kind, rho) for kind, rho in student_search.FIXED_SCHEDULES}
     budget = 30 * teacher_evals
-    monkeypatch.setattr(student_search, 'JOINT_FITS', ('path',))        # the path fit alone: its trace
+    monkeypatch.setattr(student_search, 'JOINT_FITS', ('path',))        # the path fit alone, never paused: its trace
+    monkeypatch.setattr(student_search, 'RACE_SHARE', 1.0)
     ts, info = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
                                               coefficients=True, teacher_grid=t_tea)
     assert info['evals'] <= budget and list(info['fits']) == ['path'] and info['fits']['path']['steps'] > 0
@@ -247,23 +248,69 @@ def test_the_path_fit_lowers_its_objective_and_the_check_picks_the_better_fit(fi
     assert float(fitted.mean()) == pytest.approx(joint[-1][1], rel=1e-12)      # the path objective, lowered
     if info['kept']:
         assert info['objective'] == 'path' and info['coefficients'] == learned
-    # Both fits, each from the points-alone result with its share of the budget; a check that keeps
-    # anything: the fit with the lower check error is kept, and says so.
+    # Both fits race from the points-alone result, and the one with the lower check error goes on
+    # (unless it stalled); a check that keeps anything: the fit with the lower check error in the end
+    # is kept, and says so.
     monkeypatch.setattr(student_search, 'JOINT_FITS', ('final', 'path'))
+    monkeypatch.setattr(student_search, 'RACE_SHARE', 0.5)
     monkeypatch.setattr(student_search, 'check_verdict', lambda start, refined: (True, 0.0, 1.0))
     ts2, info2 = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
                                                 coefficients=True, teacher_grid=t_tea)
     fits = info2['fits']
     assert set(fits) == {'final', 'path'} and all(fit['steps'] > 0 for fit in fits.values())
     assert info2['joint_steps'] == sum(fit['steps'] for fit in fits.values()) and info2['evals'] <= budget
-    best = min(fits, key=lambda name: fits[name]['check'])
-    assert info2['objective'] == best and info2['check']['refined'] == fits[best]['check']
+    leader = min(fits, key=lambda name: fits[name]['race_check'])
+    for name, fit in fits.items():
+        assert (fit['check'] == fit['race_check']) == (fit['continued'] == 0)
+        assert name == leader or fit['continued'] == 0
+    # Every fit where the race paused it and the leader where it stopped are candidates: the lowest
+    # check error among them is kept, and says which it is.
+    measured = {(name, 'race'): fit['race_check'] for name, fit in fits.items()}
+    measured.update({(name, 'resumed'): fit['check'] for name, fit in fits.items() if fit['continued']})
+    best = min(measured, key=measured.get)
+    assert (info2['objective'], info2['stage']) == best and info2['check']['refined'] == measured[best]
     checked, _ = student_search.warmup_errors(check, ts2, solver, dict(options, coefficients=info2['coefficients']))
-    assert float(checked.mean()) == pytest.approx(fits[best]['check'], rel=1e-12)
+    assert float(checked.mean()) == pytest.approx(measured[best], rel=1e-12)
     # Without the teacher grid, the final point's fit alone (as before the path objective).
     _, info3 = student_search.refine_schedule(data, check, inits, solver, options, budget=budget, batch=16,
                                               coefficients=True)
     assert list(info3['fits']) == ['final'] and info3['objective'] in ('final', None)
+
+
+def test_a_fit_the_race_pauses_resumes_where_it_stopped(fit_data, monkeypatch):
+    """The race's leader resumes with its damping and its place in the Jacobian batches: its steps are
+    those of the same fit run without a pause (the traces agree step for step)."""
+    data, check, teacher_evals = fit_data
+    options = solvers.resolve_options('unipc', {})
+    inits = {'polynomial': schedules.get_schedule(4, 0.002, 80)}
+    kw = dict(budget=30 * teacher_evals, batch=12, coefficients=True)
+    monkeypatch.setattr(student_search, 'RACE_STEPS', 1)
+    monkeypatch.setattr(student_search, 'RACE_SHARE', 1.0)        # one fit, the whole budget: no pause
+    _, whole = student_search.refine_schedule(data, check, inits, 'unipc', options, **kw)
+    monkeypatch.setattr(student_search, 'RACE_SHARE', 0.2)        # paused about halfway, then resumed
+    _, paused = student_search.refine_schedule(data, check, inits, 'unipc', options, **kw)
+    fit = paused['fits']['final']
+    assert whole['fits']['final']['continued'] == 0 and fit['continued'] >= 2
+    raced = paused['steps'] - fit['continued']
+    assert paused['trace'] == whole['trace'] and raced + 2 <= len(whole['trace'])
+    assert fit['check'] == whole['fits']['final']['check'] != fit['race_check']
+
+
+def test_joint_fits_end_when_they_stall(fit_data, monkeypatch):
+    """Without a budget, each joint fit ends after three steps in a row that gain less than STALL_GAIN
+    (relative), and a race leader that stalled does not go on; with no stall threshold the same fits
+    crawl on to max_steps."""
+    data, check, _ = fit_data
+    t_tea = schedules.get_schedule(21, 0.002, 80)
+    options = solvers.resolve_options('ipndm', {})
+    inits = {'polynomial': schedules.get_schedule(4, 0.002, 80)}
+    kw = dict(budget=None, batch=16, coefficients=True, teacher_grid=t_tea, max_steps=120)
+    _, info = student_search.refine_schedule(data, check, inits, 'ipndm', options, **kw)
+    assert set(info['fits']) == {'final', 'path'} and info['steps'] < kw['max_steps']
+    assert all(fit['continued'] == 0 and fit['check'] == fit['race_check'] for fit in info['fits'].values())
+    monkeypatch.setattr(student_search, 'STALL_GAIN', 0.0)
+    _, crawl = student_search.refine_schedule(data, check, inits, 'ipndm', options, **kw)
+    assert crawl['steps'] == kw['max_steps']
 
 
 @pytest.mark.parametrize('afs', [False, True])
