@@ -630,7 +630,8 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
         shifts = torch.tensor([slot[0] == 'sigmas' for slot in slots])
         joint_cost = nfe * (points - 1) + sum(slot_cost(slot, nfe, afs) for slot in slots)
         first = None if budget is None else spent + int(SCHEDULE_SHARE * (budget - spent))
-        joint_step = joint_cost * min(batch, total) + nfe * total + check_cost
+        joint_round = joint_cost * min(batch, total) + nfe * total     # a joint Jacobian and a trial step
+        joint_step = joint_round + check_cost                          # ... keeping every check affordable
         if budget is not None and budget - first < joint_step:
             first = budget               # no joint step affordable after a shared first stage
         first_stage = descend(begin(t_steps, None, value), BATCH, nfe * (points - 1), first, STALL_GAIN)
@@ -650,7 +651,7 @@ def refine_schedule(data, check, inits, solver, options, afs=False, budget=None,
         # left (what one leaves goes to the next), but no less than RACE_STEPS of its own steps where an
         # equal split of all that is left affords them (at high NFE a share affords few).
         race_share = None if budget is None else int(RACE_SHARE * (budget - spent)) // len(fits)
-        floor = RACE_STEPS * (joint_cost * min(batch, total) + nfe * total)
+        floor = RACE_STEPS * joint_round
         for k, objective in enumerate(fits):
             limit = None if budget is None else spent + min((budget - spent) // (len(fits) - k), max(race_share, floor))
             if objective == 'path':      # the path objective's value at the start, then at least a step
